@@ -1,0 +1,211 @@
+"""P&M stage 2: the closed-form merge coefficient α_t.
+
+The merge moves along the task vector, θ̂_t = θ̂_{t-1} + α_t Δ_t, and α_t minimises the second-order
+estimate of the total loss increase over the tasks seen so far,
+
+    Σ_{i≤t} ½ (θ̂_t − θ*_i)ᵀ F_i (θ̂_t − θ*_i),
+
+F_i the diagonal empirical Fisher of task i at its expert θ*_i. Setting the derivative to zero:
+
+    α_t = Σ_{i≤t} (θ*_i − θ̂_{t-1})ᵀ F_i Δ_t  /  Σ_{i≤t} Δ_tᵀ F_i Δ_t,     then clip to [0, 1].
+
+``optimal_alpha`` evaluates this over the full history (the reference form). ``CurvatureAccumulator``
+is our constant-memory exact form: with Φ = Σ_{i<t} F_i and Ψ = Σ_{i<t} F_i ⊙ θ*_i,
+
+    num = ⟨F_t, Δ_t²⟩ + ⟨Ψ − Φ ⊙ θ̂_{t-1}, Δ_t⟩,    den = ⟨Φ + F_t, Δ_t²⟩,
+
+and after the merge Φ += F_t, Ψ += F_t ⊙ θ*_t. Every term is a sum over modules, so (num, den) are
+returned per module ("partials"): shards of the modules can be solved on different actors and their
+partials added before dividing. θ is always relative to W0 (the formula is shift invariant and the
+magnitudes stay small); accumulators are float32, dot products float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from pm_ray.core.tensors import (
+    TensorDict,
+    check_fisher,
+    check_same_layout,
+    dot64,
+    load_tensors,
+    save_tensors,
+    split_prefixed,
+    with_prefix,
+)
+
+Partials = dict[str, tuple[float, float]]
+"""Per module (num_m, den_m); the global α is Σ num_m / Σ den_m."""
+
+Alpha = float | dict[str, float]
+
+
+def _clip(value: float, clip: bool) -> float:
+    return min(max(value, 0.0), 1.0) if clip else value
+
+
+def alpha_from_partials(partials: Mapping[str, tuple[float, float]], *, per_module: bool = False, clip: bool = True) -> Alpha:
+    """Divide summed partials: one global α, or one α per module.
+
+    A zero denominator means Δ_tᵀ F Δ_t = 0 (a zero task vector, or no curvature along it); the
+    coefficient is then set to 0.0 with a warning rather than dividing by zero.
+    """
+    if not partials:
+        raise ValueError("no modules to solve α over (empty partials)")
+    if per_module:
+        alphas: dict[str, float] = {}
+        flat = [key for key, (_, den) in partials.items() if den <= 0.0]
+        if flat:
+            warnings.warn(
+                f"Δᵀ F Δ = 0 on {len(flat)} module(s) (e.g. {flat[0]!r}): α set to 0.0 there",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        for key, (num, den) in partials.items():
+            alphas[key] = _clip(num / den, clip) if den > 0.0 else 0.0
+        return alphas
+    num = sum(n for n, _ in partials.values())
+    den = sum(d for _, d in partials.values())
+    if den <= 0.0:
+        warnings.warn(
+            "Δᵀ F Δ = 0 (the task vector is zero or has no curvature along it): α set to 0.0",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return 0.0
+    return _clip(num / den, clip)
+
+
+def add_partials(*parts: Mapping[str, tuple[float, float]]) -> Partials:
+    """Sum partials from shards (disjoint modules) or from Fisher shards (same modules)."""
+    total: Partials = {}
+    for part in parts:
+        for key, (num, den) in part.items():
+            n0, d0 = total.get(key, (0.0, 0.0))
+            total[key] = (n0 + num, d0 + den)
+    return total
+
+
+def optimal_alpha(
+    delta: Mapping[str, torch.Tensor],
+    merged_prev: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    fishers: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    per_module: bool = False,
+    clip: bool = True,
+) -> Alpha:
+    """Reference form over the full history: tasks 1..t, the new task last.
+
+    ``experts[-1]`` must equal ``merged_prev + delta``. Returns a float, or ``dict[str, float]``
+    per module when ``per_module`` is true.
+    """
+    if len(experts) != len(fishers):
+        raise ValueError(f"experts has {len(experts)} entries but fishers has {len(fishers)}; expected one per task")
+    if not experts:
+        raise ValueError("experts and fishers are empty; expected tasks 1..t with the new task last")
+    check_same_layout(delta, merged_prev, reference_name="delta", other_name="merged_prev")
+    for i, (expert, fisher) in enumerate(zip(experts, fishers, strict=True), start=1):
+        check_same_layout(delta, expert, reference_name="delta", other_name=f"experts[{i - 1}] (task {i})")
+        check_same_layout(delta, fisher, reference_name="delta", other_name=f"fishers[{i - 1}] (task {i})")
+        check_fisher(fisher, name=f"fishers[{i - 1}] (task {i})")
+    partials: Partials = {}
+    for key, d in delta.items():
+        num = sum(dot64(fisher[key] * (expert[key] - merged_prev[key]), d) for expert, fisher in zip(experts, fishers))
+        den = sum(dot64(fisher[key] * d, d) for fisher in fishers)
+        partials[key] = (num, den)
+    return alpha_from_partials(partials, per_module=per_module, clip=clip)
+
+
+class CurvatureAccumulator:
+    """Constant-memory exact α: Φ = Σ_{i<t} F_i and Ψ = Σ_{i<t} F_i ⊙ θ*_i per module (float32).
+
+    Holds any subset of the modules, so K accumulators can each own a shard: combine their
+    ``partials`` with :func:`add_partials` and divide with :func:`alpha_from_partials`.
+    """
+
+    def __init__(self) -> None:
+        self.phi: TensorDict = {}
+        self.psi: TensorDict = {}
+        self.num_tasks = 0
+
+    def _check(self, delta: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor], merged_prev: Mapping[str, torch.Tensor] | None) -> None:
+        check_same_layout(delta, fisher, reference_name="delta", other_name="fisher")
+        check_fisher(fisher)
+        if merged_prev is not None:
+            check_same_layout(delta, merged_prev, reference_name="delta", other_name="merged_prev")
+        if self.num_tasks:
+            check_same_layout(self.phi, delta, reference_name="the accumulator's modules", other_name="delta")
+
+    def partials(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        fisher: Mapping[str, torch.Tensor],
+        merged_prev: Mapping[str, torch.Tensor],
+    ) -> Partials:
+        """(num_m, den_m) for the new task t per module, before it is absorbed."""
+        self._check(delta, fisher, merged_prev)
+        out: Partials = {}
+        for key, d in delta.items():
+            d32 = d.float()
+            d_sq = d32 * d32
+            num = dot64(fisher[key].float(), d_sq)
+            den = num
+            if self.num_tasks:
+                phi, psi = self.phi[key], self.psi[key]
+                num += dot64(psi - phi * merged_prev[key].float(), d32)
+                den += dot64(phi, d_sq)
+            out[key] = (num, den)
+        return out
+
+    def alpha(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        fisher: Mapping[str, torch.Tensor],
+        merged_prev: Mapping[str, torch.Tensor],
+        *,
+        per_module: bool = False,
+        clip: bool = True,
+    ) -> Alpha:
+        return alpha_from_partials(self.partials(delta, fisher, merged_prev), per_module=per_module, clip=clip)
+
+    def absorb(self, fisher: Mapping[str, torch.Tensor], expert: Mapping[str, torch.Tensor]) -> None:
+        """Add task t after its merge: Φ += F_t, Ψ += F_t ⊙ θ*_t (θ*_t relative to W0)."""
+        check_same_layout(fisher, expert, reference_name="fisher", other_name="expert")
+        check_fisher(fisher)
+        if self.num_tasks:
+            check_same_layout(self.phi, fisher, reference_name="the accumulator's modules", other_name="fisher")
+        for key, f in fisher.items():
+            f32 = f.detach().float().cpu()
+            weighted = f32 * expert[key].detach().float().cpu()
+            if self.num_tasks:
+                self.phi[key] += f32
+                self.psi[key] += weighted
+            else:
+                self.phi[key] = f32.clone()
+                self.psi[key] = weighted
+        self.num_tasks += 1
+
+    def state_dict(self) -> TensorDict:
+        return {**with_prefix(self.phi, "phi"), **with_prefix(self.psi, "psi")}
+
+    def save(self, path: str | Path) -> None:
+        save_tensors(path, self.state_dict(), {"kind": "curvature_accumulator", "num_tasks": self.num_tasks})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CurvatureAccumulator:
+        tensors, meta = load_tensors(path)
+        if meta.get("kind") != "curvature_accumulator":
+            raise ValueError(f"{path}: not a curvature accumulator (metadata kind={meta.get('kind')!r})")
+        acc = cls()
+        acc.num_tasks = int(meta["num_tasks"])  # type: ignore[arg-type]
+        acc.phi = split_prefixed(tensors, "phi")
+        acc.psi = split_prefixed(tensors, "psi")
+        if set(acc.phi) != set(acc.psi):
+            raise ValueError(f"{path}: phi and psi cover different modules")
+        return acc

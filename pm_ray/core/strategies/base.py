@@ -1,0 +1,156 @@
+"""The merge-strategy interface: after task t, turn Δ_t (and its Fisher) into the merged model θ̂_t.
+
+All parameters are relative to the frozen backbone W0 and per adapted module:
+
+    expert        θ*_t − W0 = start_t + Δ_t
+    merged        θ̂_t − W0            (what is evaluated, and exported)
+    start_{t+1}   where task t+1 trains from: θ̂_t for most strategies, θ*_t for those that
+                  fine-tune sequentially and merge afterwards (MagMax, TIES, DARE)
+
+A strategy keeps only what it needs between tasks (state_dict), so the merge actor can persist it
+and resume. Coefficient strategies expose per-module partials (num, den) so a sharded merge can
+add them across shards before dividing (two-phase solve); elementwise strategies have none.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from pm_ray.core.coefficient import Alpha, Partials
+from pm_ray.core.tensors import (
+    TensorDict,
+    check_finite,
+    check_same_layout,
+    load_tensors,
+    save_tensors,
+    split_prefixed,
+    with_prefix,
+)
+
+
+@dataclass
+class TaskUpdate:
+    """What task t hands to the merge: its dense task vector, Fisher and strategy-specific extras."""
+
+    task: int
+    delta: TensorDict
+    fisher: TensorDict | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeResult:
+    alpha: Alpha | None
+    merged: TensorDict
+    start_next: TensorDict
+
+
+class MergeStrategy(ABC):
+    """Base class; subclasses set ``name`` and implement :meth:`_merge`."""
+
+    name: ClassVar[str]
+    train_from: ClassVar[str] = "merged"  # "merged" | "expert"
+    needs_fisher: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.merged: TensorDict = {}
+        self.start: TensorDict = {}
+        self.num_tasks = 0
+
+    # ---- the merge -------------------------------------------------------------------------
+    def partials(self, update: TaskUpdate) -> Partials:
+        """Per-module (num, den) for a two-phase solve; empty for elementwise strategies."""
+        return {}
+
+    def merge(self, update: TaskUpdate, *, alpha: Alpha | None = None) -> MergeResult:
+        """Merge task ``update.task``; ``alpha`` overrides the coefficient (sharded solve)."""
+        self._validate(update)
+        merged, start_next, used_alpha = self._merge(update, alpha)
+        self.merged, self.start = merged, start_next
+        self.num_tasks = update.task
+        return MergeResult(alpha=used_alpha, merged=merged, start_next=start_next)
+
+    @abstractmethod
+    def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, Alpha | None]:
+        """Return (merged, start_next, alpha used)."""
+
+    def _validate(self, update: TaskUpdate) -> None:
+        if update.task != self.num_tasks + 1:
+            raise ValueError(f"{self.name}: got task {update.task}, expected task {self.num_tasks + 1} (tasks merge in order)")
+        if not update.delta:
+            raise ValueError(f"{self.name}: task {update.task} has an empty delta (no adapted modules)")
+        check_finite(update.delta, name=f"delta of task {update.task}")
+        if self.num_tasks:
+            check_same_layout(self.merged, update.delta, reference_name="the merged state", other_name=f"delta of task {update.task}")
+        if self.needs_fisher:
+            if update.fisher is None:
+                raise ValueError(f"{self.name} needs the Fisher of task {update.task}, but none was given")
+            check_same_layout(update.delta, update.fisher, reference_name="delta", other_name="fisher")
+
+    def previous(self, update: TaskUpdate, which: str = "merged") -> TensorDict:
+        """θ̂_{t-1} (or start_t) − W0; zeros before the first task."""
+        state = self.merged if which == "merged" else self.start
+        if self.num_tasks:
+            return state
+        return {key: torch.zeros_like(d, dtype=torch.float32) for key, d in update.delta.items()}
+
+    # ---- persistence ------------------------------------------------------------------------
+    def extra_state(self) -> TensorDict:
+        """Strategy-specific tensors to persist (accumulators, running max, past task vectors)."""
+        return {}
+
+    def load_extra_state(self, tensors: TensorDict, meta: dict[str, Any]) -> None:
+        del tensors, meta
+
+    def extra_meta(self) -> dict[str, Any]:
+        return {}
+
+    def save(self, path: str | Path) -> None:
+        tensors = {**with_prefix(self.merged, "merged"), **with_prefix(self.start, "start"), **self.extra_state()}
+        meta = {"kind": "merge_strategy", "strategy": self.name, "num_tasks": self.num_tasks, **self.extra_meta()}
+        save_tensors(path, tensors, meta)
+
+    def load(self, path: str | Path) -> None:
+        tensors, meta = load_tensors(path)
+        if meta.get("kind") != "merge_strategy" or meta.get("strategy") != self.name:
+            raise ValueError(f"{path}: holds strategy {meta.get('strategy')!r}, expected {self.name!r}")
+        self.num_tasks = int(meta["num_tasks"])
+        self.merged = split_prefixed(tensors, "merged")
+        self.start = split_prefixed(tensors, "start")
+        self.load_extra_state(tensors, meta)
+
+
+STRATEGIES: dict[str, type[MergeStrategy]] = {}
+
+
+def register(cls: type[MergeStrategy]) -> type[MergeStrategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def available_strategies() -> list[str]:
+    return sorted(STRATEGIES)
+
+
+def build_strategy(name: str, **options: Any) -> MergeStrategy:
+    """Instantiate a registered strategy; unknown names or options suggest the closest valid one."""
+    if name not in STRATEGIES:
+        close = difflib.get_close_matches(name, STRATEGIES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown merge strategy {name!r}{hint}; expected one of {available_strategies()}")
+    cls = STRATEGIES[name]
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key in options:
+        if key not in params:
+            close = difflib.get_close_matches(key, params, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"merge strategy {name!r} has no option {key!r}{hint}; its options are {params}")
+    return cls(**options)
+

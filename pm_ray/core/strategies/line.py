@@ -1,0 +1,105 @@
+"""Merges along the task vector: θ̂_t = θ̂_{t-1} + α_t Δ_t, differing only in how α_t is chosen.
+
+    sequential   α_t = 1                   (plain sequential LoRA fine-tuning; the lower bound)
+    average      α_t = 1/t                 (running average of the experts θ*_1..θ*_t)
+    fixed        α_t = c                   (a constant)
+    pm           α_t = clip(num/den, 0, 1) (P&M's closed form; see coefficient.py), global or
+                                           per module, from the constant-memory accumulator
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pm_ray.core.coefficient import Alpha, CurvatureAccumulator, Partials, alpha_from_partials
+from pm_ray.core.strategies.base import MergeStrategy, TaskUpdate, register
+from pm_ray.core.tensors import TensorDict, split_prefixed, with_prefix
+
+
+class LineMerge(MergeStrategy):
+    def coefficient(self, update: TaskUpdate) -> Alpha:
+        raise NotImplementedError
+
+    def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, Alpha]:
+        used = self.coefficient(update) if alpha is None else alpha
+        prev = self.previous(update)
+        merged: TensorDict = {}
+        for key, d in update.delta.items():
+            a = used[key] if isinstance(used, dict) else used
+            merged[key] = prev[key] + a * d.float()
+        self._after_merge(update, prev)
+        return merged, merged, used
+
+    def _after_merge(self, update: TaskUpdate, merged_prev: TensorDict) -> None:
+        """Hook for strategies that keep statistics of each finished task."""
+
+
+@register
+class Sequential(LineMerge):
+    name = "sequential"
+
+    def coefficient(self, update: TaskUpdate) -> Alpha:
+        return 1.0
+
+
+@register
+class Average(LineMerge):
+    name = "average"
+
+    def coefficient(self, update: TaskUpdate) -> Alpha:
+        return 1.0 / update.task
+
+
+@register
+class Fixed(LineMerge):
+    name = "fixed"
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"fixed merge: alpha={alpha} is outside [0, 1]")
+        self.alpha = float(alpha)
+
+    def coefficient(self, update: TaskUpdate) -> Alpha:
+        return 1.0 if update.task == 1 else self.alpha
+
+
+@register
+class PerturbAndMerge(LineMerge):
+    """P&M stage 2 with the constant-memory accumulator (Φ, Ψ)."""
+
+    name = "pm"
+    needs_fisher = True
+
+    def __init__(self, per_module: bool = False, clip: bool = True) -> None:
+        super().__init__()
+        self.per_module = per_module
+        self.clip = clip
+        self.accumulator = CurvatureAccumulator()
+
+    def partials(self, update: TaskUpdate) -> Partials:
+        self._validate(update)
+        assert update.fisher is not None
+        return self.accumulator.partials(update.delta, update.fisher, self.previous(update))
+
+    def coefficient(self, update: TaskUpdate) -> Alpha:
+        return alpha_from_partials(self.partials(update), per_module=self.per_module, clip=self.clip)
+
+    def _after_merge(self, update: TaskUpdate, merged_prev: TensorDict) -> None:
+        assert update.fisher is not None
+        expert = {key: merged_prev[key] + d.float() for key, d in update.delta.items()}
+        self.accumulator.absorb(update.fisher, expert)
+
+    def extra_state(self) -> TensorDict:
+        return with_prefix(self.accumulator.state_dict(), "acc")
+
+    def extra_meta(self) -> dict[str, Any]:
+        return {"accumulated_tasks": self.accumulator.num_tasks}
+
+    def load_extra_state(self, tensors: TensorDict, meta: dict[str, Any]) -> None:
+        acc = split_prefixed(tensors, "acc")
+        self.accumulator = CurvatureAccumulator()
+        self.accumulator.phi = split_prefixed(acc, "phi")
+        self.accumulator.psi = split_prefixed(acc, "psi")
+        self.accumulator.num_tasks = int(meta["accumulated_tasks"])
+

@@ -1,0 +1,130 @@
+"""Per-module tensor dictionaries: validation, float64 reductions and atomic safetensors I/O.
+
+Every quantity the core merges is a ``dict[str, Tensor]`` keyed by the base model's module name
+(e.g. ``"model.layers.0.self_attn.k_proj"``) with tensors in the layout of that module's dense
+weight. This file holds the checks and the durable I/O those dictionaries share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+TensorDict = dict[str, torch.Tensor]
+
+
+def check_same_layout(
+    reference: Mapping[str, torch.Tensor],
+    other: Mapping[str, torch.Tensor],
+    *,
+    reference_name: str,
+    other_name: str,
+) -> None:
+    """Raise ValueError unless ``other`` has exactly the keys and shapes of ``reference``."""
+    missing = sorted(set(reference) - set(other))
+    extra = sorted(set(other) - set(reference))
+    if missing or extra:
+        raise ValueError(
+            f"{other_name} does not match {reference_name}: "
+            f"missing modules {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected modules {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for key, tensor in reference.items():
+        if tuple(other[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{other_name}[{key!r}] has shape {tuple(other[key].shape)}, "
+                f"expected {tuple(tensor.shape)} as in {reference_name}"
+            )
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], *, name: str) -> None:
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name}[{key!r}] contains NaN or Inf values")
+
+
+def check_fisher(fisher: Mapping[str, torch.Tensor], *, name: str = "fisher") -> None:
+    """A diagonal Fisher is finite and non-negative everywhere."""
+    check_finite(fisher, name=name)
+    for key, tensor in fisher.items():
+        if (tensor < 0).any():
+            raise ValueError(
+                f"{name}[{key!r}] has negative entries (min {tensor.min().item():.3g}); "
+                "a diagonal Fisher is a mean of squares and must be >= 0"
+            )
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Σ a ⊙ b reduced in float64 (the terms of α are differences of large sums)."""
+    return float((a.to(torch.float64) * b.to(torch.float64)).sum())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None
+) -> None:
+    """Atomically save tensors as safetensors; ``metadata`` is stored as one JSON string."""
+    payload: TensorDict = {}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        t = tensor.detach().contiguous().cpu()
+        # safetensors refuses aliased tensors (e.g. merged is start_next for line merges)
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        payload[key] = t
+    meta = {"pm_ray": json.dumps(dict(metadata or {}), sort_keys=True)}
+    atomic_write_bytes(path, st_save(payload, metadata=meta))
+
+
+def load_tensors(path: str | Path) -> tuple[TensorDict, dict[str, object]]:
+    """Load a file written by :func:`save_tensors`: (tensors, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such safetensors file")
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("pm_ray", "{}")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata field 'pm_ray' is not valid JSON ({err})") from err
+    return tensors, metadata
+
+
+def split_prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> TensorDict:
+    """The sub-dictionary of ``"<prefix>/<key>"`` entries, with the prefix removed."""
+    start = prefix + "/"
+    return {key[len(start) :]: t for key, t in tensors.items() if key.startswith(start)}
+
+
+def with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> TensorDict:
+    return {f"{prefix}/{key}": t for key, t in tensors.items()}
