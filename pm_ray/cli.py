@@ -1,0 +1,103 @@
+"""`pm-ray run | eval | export | report` (and `tune`, when its module is present).
+
+Exit codes: 0 ok, 2 bad input (config, data, model path; nothing is written), 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pm_ray.config import load_config
+    from pm_ray.pipeline import run_continual
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_continual(cfg, config_stem=Path(args.config).stem, quiet=args.quiet)
+    print(summary.table)
+    print(f"run directory: {summary.run_dir}  ({summary.wall_s:.0f} s)")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pm_ray.report import write_report
+
+    report = write_report(Path(args.run_dir))
+    print(report["table"])
+    for path in report["plots"]:
+        print(f"plot: {path}")
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pm_ray.export import evaluate_run
+
+    scores = evaluate_run(Path(args.run_dir), max_rows=args.max_rows)
+    print(json.dumps(scores, indent=2))
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pm_ray.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out))
+    print(f"exported merged model to {out}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pm-ray", description="Continual learning by model merging on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a continual stream: pm-ray run CONFIG [key=value ...]")
+    run.add_argument("config")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. merge.strategy=average")
+    run.add_argument("--quiet", action="store_true", help="no live progress line")
+    run.set_defaults(fn=_cmd_run)
+    ev = sub.add_parser("eval", help="re-evaluate a run's merged model on every task")
+    ev.add_argument("run_dir")
+    ev.add_argument("--max-rows", type=int, default=None)
+    ev.set_defaults(fn=_cmd_eval)
+    ex = sub.add_parser("export", help="write the merged model as a dense Hugging Face model")
+    ex.add_argument("run_dir")
+    ex.add_argument("out")
+    ex.set_defaults(fn=_cmd_export)
+    rep = sub.add_parser("report", help="print the results table and write PNG plots")
+    rep.add_argument("run_dir")
+    rep.set_defaults(fn=_cmd_report)
+    try:
+        from pm_ray.tune.cli import add_tune_parser
+    except ImportError:
+        pass
+    else:
+        add_tune_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pm_ray.config import ConfigError
+    from pm_ray.data.schema import TaskDataError
+    from pm_ray.pipeline import RunFailed
+
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return int(args.fn(args))
+    except (ConfigError, TaskDataError, FileNotFoundError) as err:
+        print(f"pm-ray: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunFailed as err:
+        print(f"pm-ray: run failed: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ValueError as err:
+        print(f"pm-ray: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

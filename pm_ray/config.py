@@ -1,0 +1,256 @@
+"""Typed run configuration: YAML files plus dotted ``key=value`` overrides, validated at load time.
+
+    pm-ray run jobs/quickstart.yaml merge.strategy=average trainer.steps_per_task=20
+
+Unknown keys are errors that suggest the closest valid key; every error names the file and field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the file, field and value and what was expected."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = "bundled:smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class LoraSection(Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | str | None = None  # None: per-architecture k,v projections; "all-linear"
+
+
+class TaskFile(Section):
+    name: str
+    kind: Literal["instruction", "classification"] = "instruction"
+    train: str
+    test: str
+
+
+class TasksSection(Section):
+    suite: str | None = "cit5"
+    variant: Literal["full", "quick"] = "quick"
+    seed: int = 0
+    files: list[TaskFile] = []
+    limit: int | None = Field(None, ge=1)  # only the first N tasks of the stream
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TasksSection:
+        if self.files and self.suite:
+            raise ValueError("give either tasks.suite or tasks.files, not both (set tasks.suite=null to use files)")
+        if not self.files and not self.suite:
+            raise ValueError("no tasks: set tasks.suite (e.g. cit5) or list tasks.files")
+        return self
+
+
+class PerturbationSection(Section):
+    mode: Literal["none", "task_vector", "gaussian"] = "task_vector"
+    epsilon: float = 0.5
+    probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"epsilon={value} is outside [0, 1)")
+        return value
+
+    @field_validator("probs")
+    @classmethod
+    def _probs(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(p < 0 for p in value) or not math.isclose(sum(value), 1.0, abs_tol=1e-6):
+            raise ValueError(f"probs={list(value)} must be three non-negative numbers summing to 1")
+        return value
+
+
+class MergeSection(Section):
+    strategy: str = "pm"
+    options: dict[str, Any] = {}  # strategy constructor options, e.g. {per_module: true}, {lam: 0.5}
+    shards: int = Field(1, ge=1)  # merge actors, each owning a slice of the modules
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from pm_ray.core.strategies import available_strategies
+
+        names = available_strategies()
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown strategy {value!r}{hint}; expected one of {names}")
+        return value
+
+
+class FisherSection(Section):
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class TrainerSection(Section):
+    num_workers: int = Field(2, ge=1)
+    engine: Literal["deepspeed", "ddp", "single"] = "deepspeed"
+    zero_stage: int = Field(2, ge=0, le=3)
+    deepspeed_config: dict[str, Any] | str | None = None  # inline dict or a JSON file path
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)  # per worker
+    lr: float = Field(1e-3, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    steps_per_task: int = Field(60, ge=1)
+    max_length: int = Field(128, ge=8)
+    seed: int = 0
+    max_failures: int = Field(1, ge=0)
+    log_every: int = Field(5, ge=1)
+
+
+class EvalSection(Section):
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    max_rows: int | None = Field(40, ge=1)  # test rows per task (None: all)
+
+
+class DiagnosticsSection(Section):
+    first_steps: int = Field(5, ge=0)  # loss drop / grad norm measured over the first steps of each task
+
+
+class StorageSection(Section):
+    path: str = "./runs"
+    run_name: str | None = None  # default: <strategy>-<config file stem>
+
+
+class TrackingSection(Section):
+    enabled: bool = True
+    uri: str | None = None  # default sqlite:///<run_dir>/mlflow.db
+    experiment: str = "pm-ray"
+
+
+class RaySection(Section):
+    address: str | None = None  # None: RAY_ADDRESS or an embedded local Ray
+    driver_cpus: float = Field(0.1, ge=0)
+
+
+class RunConfig(Section):
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    tasks: TasksSection = TasksSection()
+    perturbation: PerturbationSection = PerturbationSection()
+    merge: MergeSection = MergeSection()
+    fisher: FisherSection = FisherSection()
+    trainer: TrainerSection = TrainerSection()
+    eval: EvalSection = EvalSection()
+    diagnostics: DiagnosticsSection = DiagnosticsSection()
+    storage: StorageSection = StorageSection()
+    tracking: TrackingSection = TrackingSection()
+    ray: RaySection = RaySection()
+
+    def run_name(self, default_stem: str = "run") -> str:
+        return self.storage.run_name or f"{self.merge.strategy}-{default_stem}"
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_valid_keys(annotation, dotted + "."))
+    return keys
+
+
+def _parse_value(text: str) -> Any:
+    """``key=value`` values are YAML scalars/flow collections: 0.5, true, null, [a, b], {k: 1}."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    valid = _valid_keys(RunConfig)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. merge.strategy=average)")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+            node = child
+        if key not in valid and not any(key.startswith(v + ".") for v in valid if v.endswith("options")):
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"override {key!r}: unknown config key{hint}")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    valid = _valid_keys(RunConfig)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{source}: unknown config key {loc!r}{hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {loc or '<root>'}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data, source)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

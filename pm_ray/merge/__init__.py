@@ -1,0 +1,1 @@
+"""Merge actors: Fisher aggregation, coefficient solve and persistence of the merged state."""

@@ -1,0 +1,143 @@
+"""The merge actor(s): sum Fisher shards, solve the coefficient, update and persist the strategy.
+
+With K > 1 actors each owns a slice of the adapted modules (module i -> actor i mod K). A global
+coefficient is then solved in two phases: every actor returns its partial (num, den) sums, the
+client adds them and divides, and every actor merges its modules with that one α. Elementwise
+strategies (MagMax, TIES, DARE) and per-module α need no second phase.
+
+State files: each actor writes ``stats/shard<k>-task<t>.safetensors`` atomically after merging task
+t; the run's state.json (written afterwards by the trainer) names the files of the last committed
+task, and :meth:`MergeShard.sync` reloads exactly those after a crash or a resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from pm_ray.core.coefficient import Alpha, add_partials, alpha_from_partials
+from pm_ray.core.fisher import FisherShard
+from pm_ray.core.strategies import MergeStrategy, TaskUpdate, build_strategy
+from pm_ray.core.strategies.line import LineMerge
+from pm_ray.core.tensors import TensorDict
+
+
+def shard_keys(keys: list[str], num_shards: int) -> list[list[str]]:
+    ordered = sorted(keys)
+    return [ordered[k::num_shards] for k in range(num_shards)]
+
+
+class MergeShard:
+    """One slice of the merge state (plain class; wrapped with ray.remote below)."""
+
+    def __init__(self, strategy: str, options: dict[str, Any], shard: int, num_shards: int, stats_dir: str) -> None:
+        self.strategy_name, self.options = strategy, dict(options)
+        self.shard, self.num_shards = shard, num_shards
+        self.stats_dir = Path(stats_dir)
+        self.strategy: MergeStrategy = build_strategy(strategy, **self.options)
+        self.fisher: FisherShard | None = None
+        self.fisher_task = 0
+
+    def sync(self, completed: int, state_file: str | None) -> int:
+        """Make the in-memory state that of the last committed task (idempotent)."""
+        if self.strategy.num_tasks != completed:
+            self.strategy = build_strategy(self.strategy_name, **self.options)
+            if completed:
+                if state_file is None:
+                    raise ValueError(f"merge shard {self.shard}: {completed} tasks completed but no state file recorded")
+                self.strategy.load(state_file)
+        self.fisher, self.fisher_task = None, 0
+        return self.strategy.num_tasks
+
+    def add_fisher(self, task: int, sums: TensorDict, count: int) -> None:
+        shard = FisherShard(sums=sums, count=count)
+        if self.fisher is None or self.fisher_task != task:
+            self.fisher, self.fisher_task = shard, task
+        else:
+            self.fisher = self.fisher.merge(shard)
+
+    def _update(self, task: int, delta: TensorDict, extras: dict[str, Any] | None = None) -> TaskUpdate:
+        fisher = None
+        if self.strategy.needs_fisher:
+            if self.fisher is None or self.fisher_task != task:
+                raise ValueError(f"merge shard {self.shard}: no Fisher received for task {task}")
+            fisher = self.fisher.mean()
+        return TaskUpdate(task=task, delta=delta, fisher=fisher, extras=extras or {})
+
+    def partials(self, task: int, delta: TensorDict) -> dict[str, tuple[float, float]]:
+        return self.strategy.partials(self._update(task, delta))
+
+    def merge(self, task: int, delta: TensorDict, alpha: Alpha | None) -> dict[str, Any]:
+        result = self.strategy.merge(self._update(task, delta), alpha=alpha)
+        path = self.stats_dir / f"shard{self.shard}-task{task}.safetensors"
+        self.strategy.save(path)
+        return {"alpha": result.alpha, "state_file": str(path), "is_line": isinstance(self.strategy, LineMerge)}
+
+    def current(self) -> tuple[TensorDict, TensorDict]:
+        return self.strategy.merged, self.strategy.start
+
+    def num_tasks(self) -> int:
+        return self.strategy.num_tasks
+
+
+RemoteMergeShard = ray.remote(num_cpus=0, max_restarts=0)(MergeShard)
+
+
+def actor_name(run_name: str, shard: int) -> str:
+    return f"pm-ray-merge:{run_name}:{shard}"
+
+
+def create_merge_actors(run_name: str, strategy: str, options: dict[str, Any], num_shards: int, stats_dir: str) -> list[Any]:
+    """Named actors for this run (get_if_exists: a second driver of the same run reuses them)."""
+    return [
+        RemoteMergeShard.options(name=actor_name(run_name, k), get_if_exists=True).remote(strategy, options, k, num_shards, stats_dir)
+        for k in range(num_shards)
+    ]
+
+
+class MergeClient:
+    """Used by the trainer workers: routes modules to shards and runs the two-phase solve."""
+
+    def __init__(self, run_name: str, num_shards: int, strategy: str, options: dict[str, Any]) -> None:
+        self.handles = [ray.get_actor(actor_name(run_name, k)) for k in range(num_shards)]
+        self.num_shards = num_shards
+        build_strategy(strategy, **options)  # validates options early, on every worker
+        self.global_alpha = strategy == "pm" and not options.get("per_module", False)
+        self.clip = bool(options.get("clip", True))
+
+    def _split(self, tensors: TensorDict) -> list[TensorDict]:
+        return [{key: tensors[key] for key in keys} for keys in shard_keys(list(tensors), self.num_shards)]
+
+    def sync(self, completed: int, state_files: list[str]) -> None:
+        files = state_files or [None] * self.num_shards
+        if len(files) != self.num_shards:
+            raise ValueError(f"state.json records {len(files)} merge shard files but merge.shards={self.num_shards}")
+        ray.get([h.sync.remote(completed, f) for h, f in zip(self.handles, files)])
+
+    def add_fisher(self, task: int, fisher: FisherShard) -> None:
+        parts = self._split(fisher.sums)
+        ray.get([h.add_fisher.remote(task, part, fisher.count) for h, part in zip(self.handles, parts)])
+
+    def merge(self, task: int, delta: TensorDict) -> dict[str, Any]:
+        parts = self._split(delta)
+        alpha: Alpha | None = None
+        if self.global_alpha:
+            partials = ray.get([h.partials.remote(task, part) for h, part in zip(self.handles, parts)])
+            alpha = alpha_from_partials(add_partials(*partials), clip=self.clip)
+        results = ray.get([h.merge.remote(task, part, alpha) for h, part in zip(self.handles, parts)])
+        if alpha is None and isinstance(results[0]["alpha"], dict):
+            alpha = {key: value for r in results for key, value in r["alpha"].items()}
+        elif alpha is None:
+            alpha = results[0]["alpha"]
+        return {"alpha": alpha, "state_files": [r["state_file"] for r in results], "is_line": results[0]["is_line"]}
+
+    def current(self) -> tuple[TensorDict, TensorDict]:
+        merged: TensorDict = {}
+        start: TensorDict = {}
+        for m, s in ray.get([h.current.remote() for h in self.handles]):
+            merged.update(m)
+            start.update(s)
+        return merged, start

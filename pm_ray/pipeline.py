@@ -1,0 +1,269 @@
+"""The driver: one continual run end to end.
+
+    resolve config -> open or resume the run directory -> start/join Ray -> merge actors
+    -> ONE TorchTrainer whose workers walk the whole stream -> metrics, report, MLflow
+
+Bad input (config, data, model path) is detected here, before Ray starts and before anything is
+written: the run directory is assembled in a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pm_ray.config import ConfigError, RunConfig
+from pm_ray.core.metrics import continual_metrics
+from pm_ray.rundir import RunDir, RunState, read_json
+
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+class RunFailed(RuntimeError):
+    """The run started but did not finish (exit code 1); the run directory keeps the last committed task."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    state: RunState
+    table: str
+    wall_s: float
+
+
+# ---- preparing the run directory ------------------------------------------------------------------
+
+
+def _resolve_tasks(cfg: RunConfig, cache_dir: Path) -> list[Any]:
+    from pm_ray.data.readers import load_stream
+    from pm_ray.data.suites import build_suite
+
+    if cfg.tasks.files:
+        tasks = load_stream([f.model_dump() for f in cfg.tasks.files])
+    else:
+        assert cfg.tasks.suite is not None
+        tasks = build_suite(cfg.tasks.suite, variant=cfg.tasks.variant, seed=cfg.tasks.seed, cache_dir=cache_dir)
+    if cfg.tasks.limit:
+        tasks = tasks[: cfg.tasks.limit]
+    kinds = {t.kind for t in tasks}
+    if kinds != {"instruction"}:
+        raise ConfigError(f"tasks: the continual pipeline trains instruction streams; got kinds {sorted(kinds)}")
+    return tasks
+
+
+def _check_model(cfg: RunConfig) -> None:
+    """Fail fast (exit 2) on a model reference that cannot resolve, without loading weights."""
+    from pm_ray.models.backbone import BackboneError, bundled_model_dir
+
+    ref = cfg.model.name_or_path
+    try:
+        if ref.startswith("bundled:"):
+            bundled_model_dir(ref[len("bundled:"):])
+        elif ref.startswith("tiny:"):
+            if ref not in ("tiny:llama", "tiny:bert"):
+                raise BackboneError(f"unknown tiny model {ref!r}; expected tiny:llama or tiny:bert")
+        elif ref.startswith((".", "/", "~")) and not Path(ref).expanduser().is_dir():
+            raise BackboneError(f"model path {ref!r} does not exist")
+    except BackboneError as err:
+        raise ConfigError(f"model.name_or_path: {err}") from None
+
+
+def _write_task_data(root: Path, index: int, task: Any) -> str:
+    import pyarrow.parquet as pq
+
+    d = root / "data" / f"{index}-{task.name}"
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(task.train, d / "train.parquet")
+    pq.write_table(task.test, d / "test.parquet")
+    digest = hashlib.sha256((d / "train.parquet").read_bytes() + (d / "test.parquet").read_bytes()).hexdigest()[:16]
+    (d / "task.json").write_text(json.dumps({"name": task.name, "kind": task.kind, "labels": task.labels, "sha256": digest}))
+    return digest
+
+
+def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
+    """Create the run directory (atomically) or check that an existing one can be resumed."""
+    storage = Path(cfg.storage.path).expanduser().resolve()
+    run = RunDir(storage / run_name)
+    if run.exists():
+        run.check_resumable(cfg)
+        return run
+    if run.path.exists() and any(run.path.iterdir()):
+        raise ConfigError(f"{run.path}: exists but is not a pm-ray run directory (no state.json); choose another storage.run_name")
+    _check_model(cfg)
+    storage.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_name}.", dir=storage))
+    try:
+        tasks = _resolve_tasks(cfg, storage / ".cache")
+        hashes = {f"{i}-{t.name}": _write_task_data(tmp, i, t) for i, t in enumerate(tasks, start=1)}
+        staged = RunDir(tmp)
+        staged.write_config(cfg)
+        staged.write_state(RunState(run_name=run_name, strategy=cfg.merge.strategy, task_names=[t.name for t in tasks], data_hashes=hashes))
+        if run.path.exists():
+            run.path.rmdir()
+        os.replace(tmp, run.path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+
+
+class ProgressPrinter(threading.Thread):
+    """A live progress line from the rank-0 worker's progress.json (task i/T, step, loss, ETA)."""
+
+    def __init__(self, run: RunDir, stream: Any = sys.stderr, every_s: float = 2.0) -> None:
+        super().__init__(daemon=True)
+        self.run, self.stream, self.every_s = run, stream, every_s
+        self.stop = threading.Event()
+        self.last = ""
+
+    def line(self) -> str | None:
+        path = self.run.path / "progress.json"
+        if not path.is_file():
+            return None
+        try:
+            p = read_json(path)
+        except (ValueError, OSError):
+            return None
+        per_step = p["task_elapsed_s"] / max(p["step"], 1)
+        eta = per_step * (p["steps"] - p["step"]) + per_step * p["steps"] * (p["num_tasks"] - p["task"])
+        return (f"[pm-ray] task {p['task']}/{p['num_tasks']} ({p['name']}) step {p['step']}/{p['steps']} "
+                f"loss {p['loss']:.4f} | training ETA {eta / 60:.1f} min (+ merge/eval)")
+
+    def run(self) -> None:  # type: ignore[override]
+        while not self.stop.wait(self.every_s):
+            text = self.line()
+            if text and text != self.last:
+                self.last = text
+                if self.stream.isatty():
+                    self.stream.write("\r" + text.ljust(100))
+                else:
+                    self.stream.write(text + "\n")
+                self.stream.flush()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(timeout=5)
+        if self.last and self.stream.isatty():
+            self.stream.write("\n")
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def _start_tracking(cfg: RunConfig, run: RunDir, state: RunState) -> dict[str, Any] | None:
+    if not cfg.tracking.enabled:
+        return None
+    from pm_ray.tracking import RunTracker, flatten, tracking_uri_for
+
+    uri = tracking_uri_for(run.path, cfg.tracking.uri)
+    artifact_dir = run.path / "mlflow-artifacts"
+    tracker = RunTracker.start(uri, cfg.tracking.experiment, state.run_name, artifact_dir,
+                               params=flatten(cfg.model_dump(mode="json")), resume_run_id=state.mlflow_run_id)
+    if state.mlflow_run_id != tracker.run_id:
+        state.mlflow_run_id = tracker.run_id
+        run.write_state(state)
+    return {"uri": uri, "run_id": tracker.run_id, "run_name": state.run_name, "artifact_dir": str(artifact_dir), "tracker": tracker}
+
+
+def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any]) -> None:
+    from pm_ray.train.loop import train_loop_per_worker
+
+    if cfg.trainer.engine == "single" or cfg.trainer.num_workers == 1 and cfg.trainer.engine != "deepspeed":
+        train_loop_per_worker({**loop_config, "in_ray_train": False})
+        return
+    from ray.train import FailureConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    attempt = len(list((run.path / "ray").glob("train-*"))) if (run.path / "ray").exists() else 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**loop_config, "in_ray_train": True},
+        scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+                                     resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+        run_config=RayRunConfig(storage_path=str(run.path / "ray"), name=f"train-{attempt}",
+                                failure_config=FailureConfig(max_failures=cfg.trainer.max_failures)),
+    )
+    trainer.fit()
+
+
+def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = False) -> RunSummary:
+    import ray
+
+    from pm_ray.merge.actor import create_merge_actors
+
+    started = time.time()
+    run_name = cfg.run_name(config_stem)
+    run = prepare_run_dir(cfg, run_name)
+    state = run.read_state()
+    if state.completed < len(state.task_names):
+        init_ray(cfg)
+        tracking = _start_tracking(cfg, run, state)
+        actors = create_merge_actors(run_name, cfg.merge.strategy, cfg.merge.options, cfg.merge.shards, str(run.stats_dir))
+        loop_config = {"config": cfg.model_dump(mode="json"), "run_dir": str(run.path),
+                       "mlflow": {k: v for k, v in tracking.items() if k != "tracker"} if tracking else None}
+        printer = ProgressPrinter(run) if not quiet else None
+        if printer:
+            printer.start()
+        try:
+            _fit(cfg, run, loop_config)
+        except Exception as err:  # the trainer's own error carries the worker traceback
+            if tracking:
+                tracking["tracker"].end(status="FAILED")
+            state = run.read_state()
+            raise RunFailed(f"run {run_name} failed after {state.completed}/{len(state.task_names)} committed tasks: {err}") from err
+        finally:
+            if printer:
+                printer.close()
+            for actor in actors:
+                ray.kill(actor)
+        from pm_ray.report import write_report
+
+        state = run.read_state()
+        state.metrics = continual_metrics(state.accuracy)
+        run.write_state(state)
+        report = write_report(run.path)
+        if tracking:
+            tracker = tracking["tracker"]
+            tracker.log_metrics(state.metrics, step=len(state.accuracy))
+            for path in report["plots"]:
+                tracker.log_artifact(path, "plots")
+            for name in ("state.json", "config.yaml"):
+                tracker.log_artifact(run.path / name)
+            tracker.log_artifacts(run.merged_dir, "merged")
+            tracker.end()
+    else:
+        from pm_ray.report import write_report
+
+        report = write_report(run.path)
+    state = run.read_state()
+    return RunSummary(run_dir=run.path, state=state, table=report["table"], wall_s=time.time() - started)
+

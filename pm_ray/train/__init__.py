@@ -1,0 +1,1 @@
+"""The Ray Train seam: engines (DeepSpeed / DDP / single process) and the worker loop."""

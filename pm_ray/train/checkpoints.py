@@ -1,0 +1,111 @@
+"""What the worker loop writes at a task boundary: adapters, the merged delta, progress, reports.
+
+All files are written atomically (temporary name in the same directory, fsync, rename), and
+before state.json names the task as completed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from pm_ray.core.tensors import save_tensors
+from pm_ray.rundir import RunDir, RunState, write_json
+
+
+def save_adapter(model: Any, adapter: str, target: Path) -> None:
+    """A standard PEFT adapter directory (adapter_model.safetensors + adapter_config.json)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+        save_file(state, str(tmp / "adapter_model.safetensors"))
+        config = model.peft_config[adapter]
+        config.save_pretrained(str(tmp))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_merged(run: RunDir, state: RunState, merged: dict[str, torch.Tensor], is_line: bool, tasks: list[Any]) -> None:
+    """merged/delta.safetensors (θ̂ − W0), and for α-merges the equivalent stack Σ α_i Δ_i."""
+    save_tensors(run.merged_dir / "delta.safetensors", merged, {"kind": "merged_delta", "task": state.completed, "strategy": state.strategy})
+    stack_path = run.merged_dir / "stack.json"
+    if is_line:
+        stack = [
+            {"task": i, "name": tasks[i - 1].name, "alpha": state.alphas[i - 1],
+             "adapter": str(run.task_dir(i, tasks[i - 1].name).relative_to(run.path) / "adapter")}
+            for i in range(1, state.completed + 1)
+        ]
+        write_json(stack_path, {"task": state.completed, "stack": stack})
+    elif stack_path.exists():
+        stack_path.unlink()
+
+
+def write_progress(run: RunDir, task: int, num_tasks: int, name: str, step: int, steps: int, loss: float, t_start: float) -> None:
+    elapsed = time.time() - t_start
+    write_json(run.path / "progress.json", {
+        "task": task, "num_tasks": num_tasks, "name": name, "step": step, "steps": steps, "loss": loss,
+        "task_elapsed_s": elapsed, "time": time.time(),
+    })
+
+
+def report(metrics: dict[str, Any], checkpoint_dir: str | None, in_ray_train: bool) -> None:
+    """ray.train.report from every rank (a collective); rank 0 attaches the checkpoint."""
+    if not in_ray_train:
+        return
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TaskTracker:
+    """Rank 0's MLflow logging: one nested run per task under the driver's parent run."""
+
+    def __init__(self, parent: Any) -> None:
+        self.parent = parent
+
+    def log_task(self, task: int, name: str, losses: list[float], alpha: Any, row: list[float], diagnostics: dict[str, Any]) -> None:
+        child = self.parent.nested(f"task{task}-{name}", params={"task": task, "task_name": name})
+        child.log_step_losses(losses)
+        metrics: dict[str, float] = {f"acc_task{i}": v for i, v in enumerate(row, start=1)}
+        metrics["mean_seen_accuracy"] = sum(row) / len(row)
+        metrics.update({k: float(v) for k, v in diagnostics.items() if isinstance(v, (int, float)) and k != "task"})
+        if isinstance(alpha, dict):
+            values = list(alpha.values())
+            metrics.update({"alpha_mean": sum(values) / len(values), "alpha_min": min(values), "alpha_max": max(values)})
+        elif alpha is not None:
+            metrics["alpha"] = float(alpha)
+        child.log_metrics(metrics, step=task)
+        child.end()
+        parent_metrics = {f"R_{task}_{i}": v for i, v in enumerate(row, start=1)}
+        if "alpha" in metrics:
+            parent_metrics["alpha"] = metrics["alpha"]
+        parent_metrics["mean_seen_accuracy"] = metrics["mean_seen_accuracy"]
+        self.parent.log_metrics(parent_metrics, step=task)
+
+
+def task_tracker(loop_config: dict[str, Any], cfg: Any) -> TaskTracker | None:
+    info = loop_config.get("mlflow")
+    if not info:
+        return None
+    from pm_ray.tracking import RunTracker
+
+    parent = RunTracker.start(info["uri"], cfg.tracking.experiment, info["run_name"], Path(info["artifact_dir"]),
+                              params={}, resume_run_id=info["run_id"])
+    return TaskTracker(parent)

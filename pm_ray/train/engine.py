@@ -1,0 +1,136 @@
+"""The one seam for distributed training: DeepSpeed ZeRO 0-3, DDP, or a single process.
+
+Each task gets a fresh LoRA adapter (new Parameter objects) and therefore a fresh engine: the
+optimizer state must not carry over between tasks, and DeepSpeed/DDP gradient hooks are bound to
+the parameters they were built on, so a new adapter means new hooks and no stale ones firing.
+
+    engine = build_engine(cfg.trainer, model, trainable_params)
+    loss = engine.forward_loss(batch); engine.backward(loss); engine.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pm_ray.config import TrainerSection
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the data-parallel group; (0, 1) in a single process."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def deepspeed_config(cfg: TrainerSection, world_size: int) -> dict[str, Any]:
+    """Inline/JSON config from the user, with pm-ray's batch size and ZeRO stage filled in."""
+    user: dict[str, Any] = {}
+    if isinstance(cfg.deepspeed_config, str):
+        path = Path(cfg.deepspeed_config)
+        if not path.is_file():
+            raise ValueError(f"trainer.deepspeed_config: {path} does not exist")
+        user = json.loads(path.read_text())
+    elif isinstance(cfg.deepspeed_config, dict):
+        user = dict(cfg.deepspeed_config)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # our own torch AdamW (DeepSpeed's fused CPU/GPU Adams need compiled ops)
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    config.update(user)
+    config.setdefault("train_batch_size", config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size)
+    return config
+
+
+class Engine:
+    """Forward/backward/step over the wrapped model; ``module`` is the unwrapped PEFT model."""
+
+    def __init__(self, module: torch.nn.Module, wrapped: Any, optimizer: torch.optim.Optimizer | None, kind: str) -> None:
+        self.module, self.wrapped, self.optimizer, self.kind = module, wrapped, optimizer, kind
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.wrapped(**batch).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.kind == "deepspeed":
+            self.wrapped.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        if self.kind == "deepspeed":
+            self.wrapped.step()
+        else:
+            assert self.optimizer is not None
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the trainable parameters' gradients after backward (before step)."""
+        if self.kind == "deepspeed":
+            norm = self.wrapped.get_global_grad_norm()
+            if norm is not None:
+                return float(norm)
+        total = torch.zeros((), dtype=torch.float64)
+        for p in self.module.parameters():
+            if p.requires_grad and p.grad is not None:
+                total += p.grad.detach().double().pow(2).sum().cpu()
+        return float(total.sqrt())
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Full (unpartitioned) parameters for reading/writing weights; a no-op below ZeRO-3."""
+        if self.kind == "deepspeed" and getattr(self.wrapped, "zero_optimization_stage", lambda: 0)() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def close(self) -> None:
+        if self.kind == "deepspeed":
+            self.wrapped.destroy()
+
+
+def build_engine(cfg: TrainerSection, model: torch.nn.Module, params: list[torch.nn.Parameter]) -> Engine:
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.engine == "deepspeed":
+        import deepspeed
+
+        _, world_size = world()
+        wrapped, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg, world_size)
+        )
+        return Engine(model, wrapped, ds_optimizer, "deepspeed")
+    if cfg.engine == "ddp" and is_distributed():
+        device_ids = [torch.cuda.current_device()] if cfg.use_gpu and torch.cuda.is_available() else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return Engine(model, wrapped, optimizer, "ddp")
+    return Engine(model, model, optimizer, "single")

@@ -1,0 +1,186 @@
+"""The worker loop: one long-lived worker group walks the whole task stream.
+
+For each task t not yet committed in state.json, every worker
+  a. sets the adapted weights to W0 + start_t (the merged model θ̂_{t-1}, or the previous expert),
+  b. attaches a fresh LoRA_t and trains it with the task-vector perturbation (one forward and one
+     backward per step; the perturbation only rescales the LoRA_t branch),
+  c. computes its shard of the diagonal empirical Fisher at the expert θ*_t,
+  d. sends the Fisher shard (all ranks) and the task vector Δ_t (rank 0) to the merge actors,
+  e. loads the merged state back and folds it into the base weights,
+  f. evaluates the merged model on every seen task (rows sharded across ranks, exact global sums),
+  g. commits the task (rank 0 writes state.json) and reports metrics and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pm_ray.config import RunConfig
+from pm_ray.core.fisher import diagonal_fisher
+from pm_ray.core.lora import base_weight, lora_layers, task_vector
+from pm_ray.core.perturbation import Perturbation
+from pm_ray.data.readers import load_task
+from pm_ray.data.schema import Task
+from pm_ray.data.tokenize import batch_iterator, fisher_batches
+from pm_ray.eval import evaluate_task
+from pm_ray.merge.actor import MergeClient
+from pm_ray.models.backbone import load_backbone
+from pm_ray.models.lora import attach_lora
+from pm_ray.rundir import RunDir, RunState, write_json
+from pm_ray.train import checkpoints
+from pm_ray.train.engine import all_reduce_sum, barrier, build_engine, world
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def load_tasks(run: RunDir, state: RunState) -> list[Task]:
+    tasks = []
+    for i, name in enumerate(state.task_names, start=1):
+        d = run.data_dir(i, name)
+        meta = json.loads((d / "task.json").read_text())
+        tasks.append(load_task(name, meta["kind"], d / "train.parquet", d / "test.parquet"))
+    return tasks
+
+
+def set_adapted_weights(model: torch.nn.Module, w0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
+    """W = W0 + delta on every adapted module (a copy, not an accumulation: no drift over tasks)."""
+    with torch.no_grad():
+        for key, weight0 in w0.items():
+            weight = base_weight(model, key)
+            update = delta.get(key)
+            value = weight0 if update is None else weight0 + update.to(weight0.device, weight0.dtype)
+            weight.copy_(value)
+
+
+def new_adapter(model: Any, cfg: RunConfig, task: int, previous: str | None) -> Any:
+    """A fresh LoRA_t (new parameters, seeded identically on every rank); the old one is dropped."""
+    name = f"task{task}"
+    torch.manual_seed(cfg.trainer.seed * 100_003 + task)
+    if previous is None:
+        model = attach_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets,
+                            dropout=cfg.lora.dropout, adapter_name=name)
+    else:
+        model.add_adapter(name, model.peft_config[previous])
+        model.set_adapter(name)
+        model.delete_adapter(previous)
+    return model
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = RunConfig.model_validate(loop_config["config"])
+    run = RunDir(loop_config["run_dir"])
+    rank, world_size = world()
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.trainer.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    state = run.read_state()
+    tasks = load_tasks(run, state)
+    client = MergeClient(state.run_name, cfg.merge.shards, cfg.merge.strategy, cfg.merge.options)
+    if rank == 0:
+        client.sync(state.completed, state.stats_files)  # drop any merge not committed in state.json
+    barrier()
+    tracker = checkpoints.task_tracker(loop_config, cfg) if rank == 0 else None
+
+    model, tokenizer = load_backbone(cfg.model.name_or_path, kind=tasks[0].kind, dtype=DTYPES[cfg.model.dtype])
+    model.to(device)
+    perturbation = Perturbation(cfg.perturbation.mode, cfg.perturbation.epsilon, tuple(cfg.perturbation.probs), cfg.trainer.seed)
+    adapter: str | None = None
+    w0: dict[str, torch.Tensor] = {}
+
+    for t, task in enumerate(tasks, start=1):
+        if t <= state.completed:
+            continue
+        t_start = time.time()
+        # a. + b. θ_start, then a fresh LoRA_t on top of it
+        model = new_adapter(model, cfg, t, adapter)
+        adapter = f"task{t}"
+        if not w0:
+            w0 = {key: base_weight(model, key).detach().clone() for key in lora_layers(model, adapter)}
+            if state.completed:
+                _, start = client.current()
+                set_adapted_weights(model, w0, start)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        engine = build_engine(cfg.trainer, model, trainable)
+        model.train()
+        batches = batch_iterator(task, tokenizer, batch_size=cfg.trainer.batch_size, max_length=cfg.trainer.max_length,
+                                 rank=rank, world_size=world_size, seed=cfg.trainer.seed * 1009 + t)
+        losses: list[float] = []
+        diag: dict[str, Any] = {}
+        for step in range(cfg.trainer.steps_per_task):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            with perturbation.apply(model, rank=rank, step=step, adapter_name=adapter):
+                loss = engine.forward_loss(batch)
+                engine.backward(loss)
+            if step == 0:
+                diag["start_grad_norm"] = engine.grad_norm()
+            engine.step()
+            mean_loss = float(all_reduce_sum(loss.detach().float().reshape(1).cpu()).item()) / world_size
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(f"task {t} ({task.name}): loss is {mean_loss} at step {step}; the task was stopped and "
+                                    f"the run keeps the last committed state (task {t - 1})")
+            losses.append(mean_loss)
+            if rank == 0 and (step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps_per_task - 1):
+                checkpoints.write_progress(run, t, len(tasks), task.name, step + 1, cfg.trainer.steps_per_task, mean_loss, t_start)
+        n = min(cfg.diagnostics.first_steps, len(losses))
+        if n:
+            diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
+        engine.close()
+
+        # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now)
+        for p in trainable:
+            p.requires_grad_(False)
+        fisher = diagonal_fisher(model, (
+            {k: v.to(device) for k, v in b.items()}
+            for b in fisher_batches(task, tokenizer, num_samples=cfg.fisher.num_samples, batch_size=cfg.fisher.batch_size,
+                                    max_length=cfg.trainer.max_length, rank=rank, world_size=world_size)
+        ), kind="causal_lm" if task.kind == "instruction" else "classification", adapter_name=adapter)
+
+        # d. Fisher shards from every rank, then the merge on rank 0
+        client.add_fisher(t, fisher)
+        barrier()
+        merge_info: dict[str, Any] = {}
+        if rank == 0:
+            delta = task_vector(model, adapter)
+            checkpoints.save_adapter(model, adapter, run.task_dir(t, task.name) / "adapter")
+            merge_info = client.merge(t, delta)
+        barrier()
+
+        # e. fold the merged state; f. evaluate every seen task with the adapter off
+        merged, start_next = client.current()
+        set_adapted_weights(model, w0, merged)
+        with model.disable_adapter():
+            row = [
+                evaluate_task(model, tokenizer, tasks[i], batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                              max_rows=cfg.eval.max_rows, rank=rank, world_size=world_size,
+                              all_reduce=all_reduce_sum, max_length=cfg.trainer.max_length)["score"]
+                for i in range(t)
+            ]
+        set_adapted_weights(model, w0, start_next)
+
+        # g. commit (rank 0), then report from every rank
+        if rank == 0:
+            state.completed = t
+            state.alphas.append(merge_info["alpha"])
+            state.accuracy.append(row)
+            state.diagnostics.append({"task": t, **diag, "train_s": time.time() - t_start, "final_loss": losses[-1]})
+            state.stats_files = merge_info["state_files"]
+            state.wall_s += time.time() - t_start
+            checkpoints.write_merged(run, state, merged, merge_info["is_line"], tasks)
+            run.write_state(state)
+            if tracker is not None:
+                tracker.log_task(t, task.name, losses, merge_info["alpha"], row, state.diagnostics[-1])
+        barrier()
+        metrics = {"task": t, "loss": losses[-1], "mean_seen_accuracy": sum(row) / len(row)}
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                write_json(Path(tmp) / "state.json", json.loads(run.state_path.read_text()))
+            checkpoints.report(metrics, tmp if rank == 0 else None, loop_config.get("in_ray_train", True))
