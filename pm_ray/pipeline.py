@@ -191,7 +191,7 @@ def _start_tracking(cfg: RunConfig, run: RunDir, state: RunState) -> dict[str, A
     return {"uri": uri, "run_id": tracker.run_id, "run_name": state.run_name, "artifact_dir": str(artifact_dir), "tracker": tracker}
 
 
-def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any]) -> None:
+def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], callbacks: list[Any] | None = None) -> None:
     from pm_ray.train.loop import train_loop_per_worker
 
     if cfg.trainer.engine == "single" or cfg.trainer.num_workers == 1 and cfg.trainer.engine != "deepspeed":
@@ -210,12 +210,15 @@ def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any]) -> None:
                                      resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
         run_config=RayRunConfig(storage_path=str(run.path / "ray"), name=f"train-{attempt}",
-                                failure_config=FailureConfig(max_failures=cfg.trainer.max_failures)),
+                                failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                                callbacks=callbacks or None),
     )
     trainer.fit()
 
 
-def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = False) -> RunSummary:
+def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = False, callbacks: list[Any] | None = None) -> RunSummary:
+    """Run (or resume) the stream. ``callbacks`` go to the TorchTrainer's RunConfig (e.g. Tune's
+    report callback); every task boundary is a ray.train.report with the task's metrics."""
     import ray
 
     from pm_ray.merge.actor import create_merge_actors
@@ -234,7 +237,7 @@ def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = Fal
         if printer:
             printer.start()
         try:
-            _fit(cfg, run, loop_config)
+            _fit(cfg, run, loop_config, callbacks)
         except Exception as err:  # the trainer's own error carries the worker traceback
             if tracking:
                 tracking["tracker"].end(status="FAILED")
