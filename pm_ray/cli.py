@@ -1,4 +1,4 @@
-"""`pm-ray run | eval | export | report` (and `tune`, when its module is present).
+"""`pm-ray run | compare | eval | export | report` (and `tune`, when its module is present).
 
 Exit codes: 0 ok, 2 bad input (config, data, model path; nothing is written), 1 failure.
 """
@@ -51,6 +51,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pm_ray.compare import run_comparison
+
+    _, table = run_comparison(Path(args.spec), args.overrides, quiet=args.quiet)
+    print(table)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pm-ray", description="Continual learning by model merging on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the results table and write PNG plots")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=_cmd_report)
+    cmp_ = sub.add_parser("compare", help="the same stream under several strategies: pm-ray compare SPEC [key=value ...]")
+    cmp_.add_argument("spec")
+    cmp_.add_argument("overrides", nargs="*", help="applied to every entry, e.g. tasks.limit=3")
+    cmp_.add_argument("--quiet", action="store_true")
+    cmp_.set_defaults(fn=_cmd_compare)
     try:
         from pm_ray.tune.cli import add_tune_parser
     except ImportError:

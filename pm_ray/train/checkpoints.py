@@ -60,7 +60,7 @@ def write_progress(run: RunDir, task: int, num_tasks: int, name: str, step: int,
     elapsed = time.time() - t_start
     write_json(run.path / "progress.json", {
         "task": task, "num_tasks": num_tasks, "name": name, "step": step, "steps": steps, "loss": loss,
-        "task_elapsed_s": elapsed, "time": time.time(),
+        "task_elapsed_s": elapsed, "time": time.time(), "pid": os.getpid(),
     })
 
 

@@ -1,0 +1,82 @@
+"""Bad config / data / model: exit code 2, a one-line reason, and no run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pm_ray.cli import main
+from tinyconfig import tiny_config, write_config
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def storage(tmp_path) -> Path:
+    return tmp_path / "runs"
+
+
+def assert_nothing_written(storage: Path) -> None:
+    leftovers = [p for p in storage.rglob("*") if ".cache" not in p.parts] if storage.exists() else []
+    assert not leftovers, leftovers
+
+
+def test_unknown_key_suggests_the_closest(tmp_path, storage, capsys) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_config(storage))
+    code, err = run_cli(["run", str(config), "trainer.step_per_task=3"], capsys)
+    assert code == 2
+    assert "unknown config key 'trainer.step_per_task'" in err and "trainer.steps_per_task" in err
+    cfg = tiny_config(storage)
+    cfg["merge"] = {"stratgy": "pm"}
+    code, err = run_cli(["run", str(write_config(tmp_path / "d.yaml", cfg))], capsys)
+    assert code == 2 and "merge.stratgy" in err and "merge.strategy" in err and str(tmp_path / "d.yaml") in err
+    assert_nothing_written(storage)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("perturbation.epsilon=1.0", "epsilon=1.0 is outside [0, 1)"),
+    ("perturbation.probs=[0.5,0.5,0.5]", "summing to 1"),
+    ("merge.strategy=magmx", "did you mean 'magmax'"),
+    ("trainer.engine=horovod", "trainer.engine"),
+    ("model.name_or_path=/nonexistent/model", "/nonexistent/model"),
+    ("model.name_or_path=bundled:gpt5", "gpt5"),
+])
+def test_bad_values_exit_2(tmp_path, storage, capsys, override, needle) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_config(storage))
+    code, err = run_cli(["run", str(config), override], capsys)
+    assert code == 2, err
+    assert needle in err
+    assert err.strip().startswith("pm-ray: error:")
+    assert_nothing_written(storage)
+
+
+def test_bad_data_exit_2(tmp_path, storage, capsys) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"instruction": "say yo", "output": "yo"}) + "\n")
+    cfg = tiny_config(storage, tasks={"suite": None, "limit": None, "files": [{"name": "greet", "train": str(train), "test": str(test)}]})
+    code, err = run_cli(["run", str(write_config(tmp_path / "c.yaml", cfg))], capsys)
+    assert code == 2
+    assert str(train) in err and "output" in err
+    assert_nothing_written(storage)
+
+
+def test_missing_config_file_and_run_dir(tmp_path, capsys) -> None:
+    code, err = run_cli(["run", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "nope.yaml" in err and "does not exist" in err
+    code, err = run_cli(["report", str(tmp_path / "norun")], capsys)
+    assert code == 2 and "state.json" in err
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, storage, capsys, ray_session) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_config(storage, tasks={"limit": 1}, trainer={"steps_per_task": 2}))
+    code, err = run_cli(["run", str(config), "--quiet"], capsys)
+    assert code == 0, err
+    code, err = run_cli(["run", str(config), "--quiet", "trainer.lr=0.1"], capsys)
+    assert code == 2 and "trainer.lr" in err and "different config" in err

@@ -1,0 +1,97 @@
+"""Crashes: the driver killed between tasks, a worker killed mid-task. Both end with the α's and
+metrics of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tinyconfig import tiny_config, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def cli(config: Path, *overrides: str) -> subprocess.Popen:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "pm_ray.cli", "run", str(config), "--quiet", *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True)
+
+
+def read_state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_driver_killed_between_tasks_resumes_identically(tmp_path) -> None:
+    cfg = tiny_config(tmp_path / "runs", trainer={"steps_per_task": 30})
+    config = write_config(tmp_path / "resume.yaml", cfg)
+    finish(cli(config, "storage.run_name=reference"))
+    reference = read_state(tmp_path / "runs" / "reference")
+
+    run_dir = tmp_path / "runs" / "crashed"
+    proc = cli(config, "storage.run_name=crashed")
+    wait_for(lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1, 240, "task 1 to commit", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = read_state(run_dir)
+    assert 1 <= interrupted["completed"] < 3, "the kill must land between tasks, not after the run"
+
+    out = finish(cli(config, "storage.run_name=crashed"))
+    resumed = read_state(run_dir)
+    assert resumed["completed"] == 3
+    assert resumed["alphas"] == reference["alphas"]
+    assert resumed["accuracy"] == reference["accuracy"]
+    assert resumed["metrics"] == reference["metrics"]
+    assert "ACC" in out.upper()
+
+
+def test_worker_killed_mid_task_is_retried_from_the_task_boundary(tmp_path) -> None:
+    base = tiny_config(tmp_path / "runs", trainer={"engine": "ddp", "num_workers": 2, "steps_per_task": 40, "max_failures": 2})
+    config = write_config(tmp_path / "crash.yaml", base)
+    run_dir = tmp_path / "runs" / "crash"
+    proc = cli(config, "storage.run_name=crash")
+
+    def in_task_two() -> bool:
+        progress = run_dir / "progress.json"
+        if not progress.exists():
+            return False
+        p = json.loads(progress.read_text())
+        return p["task"] == 2 and p["step"] < p["steps"]
+
+    wait_for(in_task_two, 240, "task 2 to be training", proc)
+    worker_pid = json.loads((run_dir / "progress.json").read_text())["pid"]
+    os.kill(worker_pid, signal.SIGKILL)
+    finish(proc)
+    state = read_state(run_dir)
+    assert state["completed"] == 3
+    attempts = list((run_dir / "ray").glob("train-*"))
+    assert attempts, "the run went through Ray Train"
+
+    # the retried task was recomputed from the boundary: same α's as a run that never crashed
+    reference = cli(config, "storage.run_name=clean")
+    finish(reference)
+    assert state["alphas"] == pytest.approx(read_state(tmp_path / "runs" / "clean")["alphas"], abs=1e-6)
