@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install assets test test-fast clean-venv
+.PHONY: install assets test test-fast demo compare clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,11 @@ test-fast: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Install if needed, run the quickstart (bundled SmolLM2, quick cit5 stream, P&M, 2 CPU workers,
+# DeepSpeed ZeRO-2) and print the results table.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray run jobs/quickstart.yaml $(DEMO_ARGS)
+
+compare: $(STAMP)
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/compare.yaml $(DEMO_ARGS)
