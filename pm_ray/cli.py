@@ -97,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     from pm_ray.data.schema import TaskDataError
     from pm_ray.pipeline import RunFailed
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options (`run cfg.yaml --quiet a.b=1`): argparse leaves those over
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return int(args.fn(args))

@@ -203,7 +203,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if key not in valid and not any(key.startswith(v + ".") for v in valid if v.endswith("options")):
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"override {key!r}: unknown config key{hint}")
+            raise ConfigError(f"override: unknown config key {key!r}{hint}")
         node[parts[-1]] = _parse_value(raw)
     return data
 

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 
-def tiny_config(storage: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+def tiny_config(storage_path: Path, /, **sections: dict[str, Any]) -> dict[str, Any]:
     """A 3-task run on tiny:llama that takes seconds; ``sections`` update the defaults."""
     cfg: dict[str, Any] = {
         "model": {"name_or_path": "tiny:llama"},
@@ -17,7 +17,7 @@ def tiny_config(storage: Path, **sections: dict[str, Any]) -> dict[str, Any]:
         "trainer": {"engine": "single", "num_workers": 1, "steps_per_task": 6, "batch_size": 4, "max_length": 96, "lr": 5e-3},
         "fisher": {"num_samples": 8, "batch_size": 4},
         "eval": {"max_rows": 8, "max_new_tokens": 4, "batch_size": 8},
-        "storage": {"path": str(storage)},
+        "storage": {"path": str(storage_path)},
         "tracking": {"enabled": False},
     }
     for name, values in sections.items():
