@@ -56,6 +56,14 @@ def write_merged(run: RunDir, state: RunState, merged: dict[str, torch.Tensor], 
         stack_path.unlink()
 
 
+def prune_stats(run: RunDir, state: RunState) -> None:
+    """After state.json committed a task, the merge state of earlier tasks is no longer needed."""
+    keep = {Path(f).name for f in state.stats_files}
+    for path in run.stats_dir.glob("shard*-task*.safetensors"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+
+
 def write_progress(run: RunDir, task: int, num_tasks: int, name: str, step: int, steps: int, loss: float, t_start: float) -> None:
     elapsed = time.time() - t_start
     write_json(run.path / "progress.json", {

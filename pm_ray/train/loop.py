@@ -176,6 +176,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.wall_s += time.time() - t_start
             checkpoints.write_merged(run, state, merged, merge_info["is_line"], tasks)
             run.write_state(state)
+            checkpoints.prune_stats(run, state)
             if tracker is not None:
                 tracker.log_task(t, task.name, losses, merge_info["alpha"], row, state.diagnostics[-1])
         barrier()
