@@ -105,7 +105,9 @@ class FisherSection(Section):
 class TrainerSection(Section):
     num_workers: int = Field(2, ge=1)
     engine: Literal["deepspeed", "ddp", "single"] = "deepspeed"
-    zero_stage: int = Field(2, ge=0, le=3)
+    # ZeRO-3 would partition the frozen base weights that the merge folds into on every rank;
+    # LoRA's optimizer state is tiny, so stage 2 already removes the redundancy that matters.
+    zero_stage: int = Field(2, ge=0)
     deepspeed_config: dict[str, Any] | str | None = None  # inline dict or a JSON file path
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -117,6 +119,14 @@ class TrainerSection(Section):
     seed: int = 0
     max_failures: int = Field(1, ge=0)
     log_every: int = Field(5, ge=1)
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_stage(cls, value: int) -> int:
+        if value > 2:
+            raise ValueError(f"ZeRO stage {value} is not supported (stages 0, 1, 2): stage 3 partitions the frozen "
+                             "base weights that pm-ray folds the merged delta into")
+        return value
 
 
 class EvalSection(Section):

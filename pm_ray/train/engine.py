@@ -1,4 +1,4 @@
-"""The one seam for distributed training: DeepSpeed ZeRO 0-3, DDP, or a single process.
+"""The one seam for distributed training: DeepSpeed ZeRO 0-2, DDP, or a single process.
 
 Each task gets a fresh LoRA adapter (new Parameter objects) and therefore a fresh engine: the
 optimizer state must not carry over between tasks, and DeepSpeed/DDP gradient hooks are bound to
@@ -10,9 +10,7 @@ the parameters they were built on, so a new adapter means new hooks and no stale
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,39 +81,29 @@ class Engine:
         else:
             loss.backward()
 
-    def step(self) -> None:
+    def step(self) -> float:
+        """Apply the update; returns the global L2 norm of the gradients it used."""
         if self.kind == "deepspeed":
             self.wrapped.step()
-        else:
-            assert self.optimizer is not None
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def grad_norm(self) -> float:
-        """Global L2 norm of the trainable parameters' gradients after backward (before step)."""
-        if self.kind == "deepspeed":
+            # ZeRO moves gradients into partitioned buffers: only the engine knows the global norm
             norm = self.wrapped.get_global_grad_norm()
-            if norm is not None:
-                return float(norm)
+            return float(norm) if norm is not None else float("nan")
+        norm = self._local_grad_norm()
+        assert self.optimizer is not None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _local_grad_norm(self) -> float:
+        # DDP has already all-reduced (averaged) the gradients: every rank holds the global ones
         total = torch.zeros((), dtype=torch.float64)
         for p in self.module.parameters():
             if p.requires_grad and p.grad is not None:
                 total += p.grad.detach().double().pow(2).sum().cpu()
         return float(total.sqrt())
 
-    @contextlib.contextmanager
-    def gathered(self) -> Iterator[None]:
-        """Full (unpartitioned) parameters for reading/writing weights; a no-op below ZeRO-3."""
-        if self.kind == "deepspeed" and getattr(self.wrapped, "zero_optimization_stage", lambda: 0)() == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                yield
-        else:
-            yield
-
     def close(self) -> None:
-        if self.kind == "deepspeed":
+        if self.kind == "deepspeed" and hasattr(self.wrapped, "destroy"):
             self.wrapped.destroy()
 
 

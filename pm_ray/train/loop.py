@@ -120,9 +120,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with perturbation.apply(model, rank=rank, step=step, adapter_name=adapter):
                 loss = engine.forward_loss(batch)
                 engine.backward(loss)
-            if step == 0:
-                diag["start_grad_norm"] = engine.grad_norm()
-            engine.step()
+            grad_norm = engine.step()
+            if step == 0:  # how responsive the merged start point is to the new task's gradients
+                diag["start_grad_norm"] = grad_norm
             mean_loss = float(all_reduce_sum(loss.detach().float().reshape(1).cpu()).item()) / world_size
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(f"task {t} ({task.name}): loss is {mean_loss} at step {step}; the task was stopped and "

@@ -43,6 +43,8 @@ def test_unknown_key_suggests_the_closest(tmp_path, storage, capsys) -> None:
     ("perturbation.probs=[0.5,0.5,0.5]", "summing to 1"),
     ("merge.strategy=magmx", "did you mean 'magmax'"),
     ("trainer.engine=horovod", "trainer.engine"),
+    ("trainer.zero_stage=3", "ZeRO stage 3 is not supported"),
+    ("tasks.suite=cit9", "cit9"),
     ("model.name_or_path=/nonexistent/model", "/nonexistent/model"),
     ("model.name_or_path=bundled:gpt5", "gpt5"),
 ])

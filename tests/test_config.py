@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+
+from pm_ray.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dump_config, load_config
+
+
+def test_defaults_are_the_embedded_quickstart() -> None:
+    cfg = load_config(None)
+    assert cfg.model.name_or_path == "bundled:smollm2-135m-instruct"
+    assert cfg.tasks.suite == "cit5" and cfg.merge.strategy == "pm" and cfg.perturbation.epsilon == 0.5
+    assert cfg.tracking.uri is None and cfg.ray.address is None
+
+
+def test_yaml_and_overrides(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("merge: {strategy: average}\ntrainer: {lr: 0.01}\n")
+    cfg = load_config(path, ["trainer.lr=3e-4", "lora.targets=[q_proj, v_proj]", "merge.options={per_module: true}",
+                             "perturbation.probs=[0.5, 0.25, 0.25]", "storage.run_name=null"])
+    assert cfg.merge.strategy == "average" and cfg.trainer.lr == 3e-4
+    assert cfg.lora.targets == ["q_proj", "v_proj"] and cfg.merge.options == {"per_module": True}
+    assert cfg.perturbation.probs == (0.5, 0.25, 0.25)
+    assert config_from_dict(__import__("yaml").safe_load(dump_config(cfg))) == cfg  # round trip
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[1, 2]", "expected a mapping"),
+    ("merge: {strategy: [unclosed", "not valid YAML"),
+    ("trainer: {stepz: 3}", "unknown config key 'trainer.stepz'"),
+    ("lora: {rank: 0}", "lora.rank"),
+    ("tasks: {suite: null}", "no tasks"),
+])
+def test_bad_files_name_file_and_field(tmp_path, text, needle) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_bad_overrides() -> None:
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        apply_overrides({}, ["trainer.lr"])
+    with pytest.raises(ConfigError, match="did you mean 'perturbation.epsilon'"):
+        apply_overrides({}, ["perturbation.epsilom=0.1"])
+    with pytest.raises(ConfigError, match="epsilon=-0.1 is outside"):
+        load_config(None, ["perturbation.epsilon=-0.1"])
+    assert isinstance(load_config(None, ["merge.options.lam=0.3"]), RunConfig)
