@@ -127,10 +127,13 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # Worker stdout (DeepSpeed banners, Ray Train bookkeeping) drowns the progress line; a worker's
+    # exception still reaches the driver through the trainer. PM_RAY_WORKER_LOGS=1 shows it all.
+    show_worker_logs = os.environ.get("PM_RAY_WORKER_LOGS", "0") == "1"
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=show_worker_logs)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(include_dashboard=False, log_to_driver=show_worker_logs, runtime_env={"env_vars": WORKER_ENV})
 
 
 class ProgressPrinter(threading.Thread):
