@@ -70,11 +70,11 @@ class MergeShard:
     def partials(self, task: int, delta: TensorDict) -> dict[str, tuple[float, float]]:
         return self.strategy.partials(self._update(task, delta))
 
-    def merge(self, task: int, delta: TensorDict, alpha: Alpha | None) -> dict[str, Any]:
-        result = self.strategy.merge(self._update(task, delta), alpha=alpha)
+    def merge(self, task: int, delta: TensorDict, alpha: Alpha | None, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+        result = self.strategy.merge(self._update(task, delta, extras), alpha=alpha)
         path = self.stats_dir / f"shard{self.shard}-task{task}.safetensors"
         self.strategy.save(path)
-        return {"alpha": result.alpha, "state_file": str(path), "is_line": isinstance(self.strategy, LineMerge)}
+        return {"alpha": result.alpha, "state_file": str(path), "is_line": isinstance(self.strategy, LineMerge) and self.strategy.name != "trm"}
 
     def current(self) -> tuple[TensorDict, TensorDict]:
         return self.strategy.merged, self.strategy.start
@@ -105,7 +105,8 @@ class MergeClient:
         self.handles = [ray.get_actor(actor_name(run_name, k)) for k in range(num_shards)]
         self.num_shards = num_shards
         build_strategy(strategy, **options)  # validates options early, on every worker
-        self.global_alpha = strategy == "pm" and not options.get("per_module", False)
+        self.solves_alpha = strategy in ("pm", "trm")  # the closed form, from summed partials
+        self.per_module = bool(options.get("per_module", False))
         self.clip = bool(options.get("clip", True))
 
     def _split(self, tensors: TensorDict) -> list[TensorDict]:
@@ -121,13 +122,27 @@ class MergeClient:
         parts = self._split(fisher.sums)
         ray.get([h.add_fisher.remote(task, part, fisher.count) for h, part in zip(self.handles, parts)])
 
-    def merge(self, task: int, delta: TensorDict) -> dict[str, Any]:
+    def alpha(self, task: int, delta: TensorDict) -> Alpha:
+        """P&M's α_t for this task from all shards' partials (phase one), without merging."""
+        partials = ray.get([h.partials.remote(task, part) for h, part in zip(self.handles, self._split(delta))])
+        return alpha_from_partials(add_partials(*partials), per_module=self.per_module, clip=self.clip)
+
+    def merge(self, task: int, delta: TensorDict, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Phase two: every shard merges its modules with the one global α (or its own α's).
+
+        ``extras`` entries that are per-module tensor dicts (e.g. TRM's merged delta) are split
+        by shard like the delta; other entries go to every shard as they are.
+        """
         parts = self._split(delta)
         alpha: Alpha | None = None
-        if self.global_alpha:
-            partials = ray.get([h.partials.remote(task, part) for h, part in zip(self.handles, parts)])
-            alpha = alpha_from_partials(add_partials(*partials), clip=self.clip)
-        results = ray.get([h.merge.remote(task, part, alpha) for h, part in zip(self.handles, parts)])
+        if self.solves_alpha and not self.per_module and not extras:
+            alpha = self.alpha(task, delta)
+        shard_extras: list[dict[str, Any]] = [{} for _ in parts]
+        for name, value in (extras or {}).items():
+            split = self._split(value) if isinstance(value, dict) else [value] * self.num_shards
+            for k in range(self.num_shards):
+                shard_extras[k][name] = split[k]
+        results = ray.get([h.merge.remote(task, part, alpha, ex) for h, part, ex in zip(self.handles, parts, shard_extras)])
         if alpha is None and isinstance(results[0]["alpha"], dict):
             alpha = {key: value for r in results for key, value in r["alpha"].items()}
         elif alpha is None:

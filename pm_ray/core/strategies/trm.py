@@ -1,0 +1,98 @@
+"""TRM as a merge strategy: take the workers' optimised merge θ(c), else fall back to P&M.
+
+RECONSTRUCTION from the TRM abstract (arXiv 2605.08311); the optimisation itself is in
+``pm_ray/core/trm.py``. The coefficients c are optimised on the training workers (they hold the
+model and task-t data); the merge only receives the result:
+
+    update.extras["merged"]        θ(c) − W0 = Σ_j c_{g(m), j} D_j[m]   (dense, per module)
+    update.extras["coefficients"]  c, shape (K+1,) or (G, K+1)            (optional; for α)
+    θ̂_t = θ(c);   reported α_t = c_K (global) or {m: c_{g(m), K}} (per layer group)
+
+Without extras (no snapshots, or before the workers ran): the P&M merge θ̂_t = θ̂_{t-1} + α_t Δ_t,
+α_t from the accumulator. ``coefficient(update)`` gives that α_t without merging: it is where the
+workers initialise c. Either way the Fisher is absorbed with the expert θ*_t = θ̂_{t-1} + Δ_t, as
+P&M does, so the curvature state is the same as P&M's and α_PM stays the P&M solution for the
+current merged model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pm_ray.core.coefficient import Alpha
+from pm_ray.core.strategies.base import TaskUpdate, register
+from pm_ray.core.strategies.line import PerturbAndMerge
+from pm_ray.core.tensors import TensorDict, check_finite, check_same_layout
+from pm_ray.core.trm import TRMSettings, layer_groups
+
+
+@register
+class TrajectoryRegularisedMerge(PerturbAndMerge):
+    """P&M's accumulator and fallback, with the merged delta taken from the workers when given.
+
+    The TRM options (``settings``) are not used by the merge itself: the pipeline reads them to
+    record the snapshots and drive :func:`pm_ray.core.trm.optimize_coefficients` on the workers.
+    """
+
+    name = "trm"
+    needs_fisher = True
+
+    def __init__(
+        self,
+        per_module: bool = False,
+        clip: bool = True,
+        snapshots: int = 4,
+        steps: int = 30,
+        lr: float = 0.05,
+        align_weight: float = 1.0,
+        consistency_weight: float = 1.0,
+        responsiveness_weight: float = 0.1,
+        per_group: bool = False,
+    ) -> None:
+        super().__init__(per_module=per_module, clip=clip)
+        self.settings = TRMSettings(
+            snapshots=snapshots,
+            steps=steps,
+            lr=lr,
+            align_weight=align_weight,
+            consistency_weight=consistency_weight,
+            responsiveness_weight=responsiveness_weight,
+            per_group=per_group,
+        )
+
+    def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, Alpha | None]:
+        if "merged" not in update.extras:
+            return super()._merge(update, alpha)
+        if alpha is not None:
+            raise ValueError(
+                f"trm: task {update.task} has extras['merged'] and an alpha override; the optimised merge "
+                "has no single α to override (send one or the other)"
+            )
+        optimised: TensorDict = {key: t.detach().float().cpu() for key, t in update.extras["merged"].items()}
+        check_same_layout(update.delta, optimised, reference_name="delta", other_name=f"extras['merged'] of task {update.task}")
+        check_finite(optimised, name=f"extras['merged'] of task {update.task}")
+        used = self._reported_alpha(update)
+        prev = self.previous(update)
+        self._after_merge(update, prev)  # absorbs F_t with θ*_t = θ̂_{t-1} + Δ_t
+        return optimised, optimised, used
+
+    def _reported_alpha(self, update: TaskUpdate) -> Alpha | None:
+        """c_K: the weight on the expert's task vector (None when the coefficients were not sent)."""
+        c = update.extras.get("coefficients")
+        if c is None:
+            return None
+        c = torch.as_tensor(c, dtype=torch.float64)
+        if c.dim() == 1 and c.numel() >= 2:
+            return float(c[-1])
+        groups = layer_groups(list(update.delta))
+        if c.dim() != 2 or c.shape[1] < 2 or c.shape[0] != max(groups.values()) + 1:
+            raise ValueError(
+                f"trm: extras['coefficients'] of task {update.task} has shape {tuple(c.shape)}; expected (K+1,) "
+                f"or ({max(groups.values()) + 1}, K+1) for the layer groups of its modules, K >= 1"
+            )
+        return {key: float(c[g, -1]) for key, g in groups.items()}
+
+    def extra_meta(self) -> dict[str, Any]:
+        return {**super().extra_meta(), "trm_snapshots": self.settings.snapshots}
