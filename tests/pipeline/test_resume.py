@@ -46,8 +46,9 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def test_driver_killed_between_tasks_resumes_identically(tmp_path) -> None:
-    cfg = tiny_config(tmp_path / "runs", trainer={"steps_per_task": 30})
+@pytest.mark.parametrize("strategy,options", [("pm", {}), ("trm", {"steps": 4, "snapshots": 2})])
+def test_driver_killed_between_tasks_resumes_identically(tmp_path, strategy, options) -> None:
+    cfg = tiny_config(tmp_path / "runs", trainer={"steps_per_task": 30}, merge={"strategy": strategy, "options": options})
     config = write_config(tmp_path / "resume.yaml", cfg)
     finish(cli(config, "storage.run_name=reference"))
     reference = read_state(tmp_path / "runs" / "reference")
