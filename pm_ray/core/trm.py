@@ -60,10 +60,10 @@ class TRMSettings:
     per_group: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.snapshots, bool) or not isinstance(self.snapshots, int) or self.snapshots < 1:
-            raise ValueError(f"TRMSettings.snapshots={self.snapshots!r} must be an int >= 1 (K trajectory snapshots)")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"TRMSettings.steps={self.steps!r} must be an int >= 0")
+        for field_name, least in (("snapshots", 1), ("steps", 0)):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"TRMSettings.{field_name}={value!r} must be an int >= {least}")
         if not self.lr > 0:
             raise ValueError(f"TRMSettings.lr={self.lr!r} must be > 0")
         weights = {"align_weight": self.align_weight, "consistency_weight": self.consistency_weight,
@@ -110,24 +110,33 @@ def initial_coefficients(k: int, alpha_pm: float | Mapping[str, float], groups: 
     """c at the P&M solution: c_0 = 1, c_K = α (a per-module α is averaged per group), others 0."""
     if k < 1:
         raise ValueError(f"initial_coefficients: k={k} must be >= 1")
-    if groups is None:
-        alpha = sum(alpha_pm.values()) / len(alpha_pm) if isinstance(alpha_pm, Mapping) else float(alpha_pm)
-        c = torch.zeros(k + 1)
-        c[0], c[k] = 1.0, alpha
-        return c
-    num_groups = max(groups.values()) + 1
-    c = torch.zeros(num_groups, k + 1)
+    c = torch.zeros(1 if groups is None else max(groups.values()) + 1, k + 1)
     c[:, 0] = 1.0
-    for g in range(num_groups):
-        members = [key for key, gid in groups.items() if gid == g]
-        if isinstance(alpha_pm, Mapping):
-            missing = [key for key in members if key not in alpha_pm]
-            if missing:
-                raise ValueError(f"initial_coefficients: alpha_pm has no entry for modules {missing[:3]}")
-            c[g, k] = sum(float(alpha_pm[key]) for key in members) / max(len(members), 1)
-        else:
+    for g in range(c.shape[0]):
+        if not isinstance(alpha_pm, Mapping):
             c[g, k] = float(alpha_pm)
-    return c
+            continue
+        members = list(alpha_pm) if groups is None else [key for key, gid in groups.items() if gid == g]
+        if any(key not in alpha_pm for key in members) or not members:
+            raise ValueError(f"initial_coefficients: alpha_pm lacks modules of group {g} ({members[:3]})")
+        c[g, k] = sum(float(alpha_pm[key]) for key in members) / len(members)
+    return c[0] if groups is None else c
+
+
+def _check_groups(keys: Mapping[str, object], groups: Mapping[str, int] | None, num_groups: int, where: str) -> None:
+    if groups is None or any(key not in groups for key in keys):
+        raise ValueError(f"{where}: per-group c (2-D) needs a group id for every module (see layer_groups)")
+    if any(not 0 <= groups[key] < num_groups for key in keys):
+        raise ValueError(f"{where}: c has {num_groups} group rows but groups has ids up to {max(groups.values())}")
+
+
+def expert_coefficient(c: torch.Tensor, groups: Mapping[str, int] | None = None) -> float | dict[str, float]:
+    """The weight c_K on the expert's task vector Δ_t (comparable to P&M's α): a float for a global
+    c, {module: c_{g(m), K}} for a per-group c (the form to send to a sharded merge)."""
+    if c.dim() == 1:
+        return float(c[-1])
+    _check_groups(groups or {}, groups, c.shape[0], "expert_coefficient")
+    return {key: float(c[g, -1]) for key, g in (groups or {}).items()}
 
 
 def combine(directions: Sequence[Mapping[str, torch.Tensor]], c: torch.Tensor, groups: Mapping[str, int] | None = None) -> TensorDict:
@@ -135,11 +144,11 @@ def combine(directions: Sequence[Mapping[str, torch.Tensor]], c: torch.Tensor, g
     rows = c.unsqueeze(0) if c.dim() == 1 else c
     if c.dim() not in (1, 2) or rows.shape[1] != len(directions):
         raise ValueError(f"combine: c has shape {tuple(c.shape)}, expected ({len(directions)},) or (G, {len(directions)})")
-    if c.dim() == 2 and groups is None:
-        raise ValueError("combine: per-group c (2-D) needs groups (module -> group id)")
+    if c.dim() == 2:
+        _check_groups(directions[0], groups, rows.shape[0], "combine")
     out: TensorDict = {}
     for key in directions[0]:
-        row = rows[groups[key]] if c.dim() == 2 and groups is not None else rows[0]
+        row = rows[groups[key]] if groups is not None and c.dim() == 2 else rows[0]
         out[key] = sum(row[j] * d[key].to(c.device, c.dtype) for j, d in enumerate(directions))  # type: ignore[assignment]
     return out
 
@@ -243,8 +252,6 @@ def optimize_coefficients(
     _check_no_active_lora(model)
     if settings.per_group and groups is None:
         groups = layer_groups(list(w0))
-    if groups is not None and c_init.dim() == 2 and c_init.shape[0] != max(groups.values()) + 1:
-        raise ValueError(f"optimize_coefficients: c_init has {c_init.shape[0]} groups, groups has {max(groups.values()) + 1}")
     names = weight_names(model, list(w0))
     device = next(model.parameters()).device
     moved = [{key: t.to(device) for key, t in d.items()} for d in directions]
@@ -252,6 +259,8 @@ def optimize_coefficients(
     on_device = [{name: v.to(device) for name, v in batch.items()} for batch in batches]
     c = c_init.detach().clone().to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([c], lr=settings.lr)
+    weights = {"task_alignment": settings.align_weight, "prediction_consistency": settings.consistency_weight,
+               "gradient_responsiveness": settings.responsiveness_weight}
     modes = {module: module.training for module in model.modules()}
     log: list[dict[str, float]] = []
     try:
@@ -268,16 +277,14 @@ def optimize_coefficients(
                 "prediction_consistency": prediction_consistency(logits_c, logits_prev[step % len(on_device)], batch["labels"]),
                 "gradient_responsiveness": gradient_responsiveness(logits_c, batch["labels"]),
             }
-            total = (settings.align_weight * terms["task_alignment"]
-                     + settings.consistency_weight * terms["prediction_consistency"]
-                     + settings.responsiveness_weight * terms["gradient_responsiveness"])
+            total = sum(weights[name] * value for name, value in terms.items())
             # autograd.grad, not backward(): only c's gradient is formed, no parameter gets a .grad
-            (grad,) = torch.autograd.grad(total, [c])
+            (grad,) = torch.autograd.grad(total, [c])  # type: ignore[arg-type]
             if grad_all_reduce is not None:
                 grad = grad_all_reduce(grad) / world_size
             c.grad = grad
             optimizer.step()
-            log.append({"step": float(step), "total": float(total), **{k: float(v) for k, v in terms.items()}})
+            log.append({"step": float(step), "total": total.item(), **{k: v.item() for k, v in terms.items()}})  # type: ignore[union-attr]
     finally:
         for module, training in modes.items():
             module.train(training)

@@ -27,8 +27,16 @@ from pm_ray.core.fisher import diagonal_fisher
 from pm_ray.core.lora import LoraFactors, base_weight, lora_factors, lora_layers, task_vector
 from pm_ray.core.perturbation import Perturbation
 from pm_ray.core.strategies import build_strategy
-from pm_ray.core.trm import TRMSettings, combine, initial_coefficients, layer_groups, optimize_coefficients, snapshot_steps
-from pm_ray.core.trm import trajectory_directions
+from pm_ray.core.trm import (
+    TRMSettings,
+    combine,
+    expert_coefficient,
+    initial_coefficients,
+    layer_groups,
+    optimize_coefficients,
+    snapshot_steps,
+    trajectory_directions,
+)
 from pm_ray.data.readers import load_task
 from pm_ray.data.schema import Task
 from pm_ray.data.tokenize import batch_iterator, fisher_batches
@@ -105,7 +113,8 @@ def trm_merge(model: Any, cfg: RunConfig, settings: TRMSettings, client: MergeCl
     merged = {key: value.cpu() for key, value in combine(directions, c.cpu(), groups).items()}
     info: dict[str, Any] = {}
     if rank == 0:
-        info = client.merge(t, delta, extras={"merged": merged, "coefficients": c.cpu()})
+        alpha = expert_coefficient(c.cpu(), groups)  # per module when per_group: splits by shard
+        info = client.merge(t, delta, extras={"merged": merged, "coefficients": c.cpu(), "alpha": alpha})
     diag = {"trm_alpha_pm": alpha_pm if not isinstance(alpha_pm, dict) else sum(alpha_pm.values()) / len(alpha_pm),
             "trm_coefficients": c.cpu().tolist()}
     if log:

@@ -34,7 +34,7 @@ def elements(shape):
 
 
 def test_registry() -> None:
-    assert available_strategies() == ["average", "dare", "fixed", "magmax", "pm", "sequential", "ties"]
+    assert available_strategies() == ["average", "dare", "fixed", "magmax", "pm", "sequential", "ties", "trm"]
     with pytest.raises(ValueError, match="unknown merge strategy 'magmx'.*did you mean 'magmax'"):
         build_strategy("magmx")
     with pytest.raises(ValueError, match="has no option 'lamda'.*did you mean 'lam'"):

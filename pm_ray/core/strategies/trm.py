@@ -6,6 +6,7 @@ model and task-t data); the merge only receives the result:
 
     update.extras["merged"]        θ(c) − W0 = Σ_j c_{g(m), j} D_j[m]   (dense, per module)
     update.extras["coefficients"]  c, shape (K+1,) or (G, K+1)            (optional; for α)
+    update.extras["alpha"]         c_K as float or per-module dict        (optional; sharded merges)
     θ̂_t = θ(c);   reported α_t = c_K (global) or {m: c_{g(m), K}} (per layer group)
 
 Without extras (no snapshots, or before the workers ran): the P&M merge θ̂_t = θ̂_{t-1} + α_t Δ_t,
@@ -17,15 +18,13 @@ current merged model.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from pm_ray.core.coefficient import Alpha
 from pm_ray.core.strategies.base import TaskUpdate, register
 from pm_ray.core.strategies.line import PerturbAndMerge
 from pm_ray.core.tensors import TensorDict, check_finite, check_same_layout
-from pm_ray.core.trm import TRMSettings, layer_groups
+from pm_ray.core.trm import TRMSettings, expert_coefficient, layer_groups
 
 
 @register
@@ -79,20 +78,29 @@ class TrajectoryRegularisedMerge(PerturbAndMerge):
         return optimised, optimised, used
 
     def _reported_alpha(self, update: TaskUpdate) -> Alpha | None:
-        """c_K: the weight on the expert's task vector (None when the coefficients were not sent)."""
+        """extras["alpha"] if sent, else c_K from extras["coefficients"], else None.
+
+        Per-group c is mapped to modules with ``layer_groups`` of this update's modules, which is
+        the workers' grouping only when this strategy holds every module: a sharded merge must send
+        extras["alpha"] = ``expert_coefficient(c, groups)`` (a per-module dict, split by shard).
+        """
+        if "alpha" in update.extras:
+            alpha = update.extras["alpha"]
+            if isinstance(alpha, dict):
+                missing = sorted(set(update.delta) - set(alpha))
+                if missing:
+                    raise ValueError(f"trm: extras['alpha'] of task {update.task} has no entry for modules {missing[:3]}")
+                return {key: float(alpha[key]) for key in update.delta}
+            return float(alpha)
         c = update.extras.get("coefficients")
         if c is None:
             return None
         c = torch.as_tensor(c, dtype=torch.float64)
-        if c.dim() == 1 and c.numel() >= 2:
-            return float(c[-1])
         groups = layer_groups(list(update.delta))
-        if c.dim() != 2 or c.shape[1] < 2 or c.shape[0] != max(groups.values()) + 1:
+        num_groups = max(groups.values()) + 1
+        if c.dim() not in (1, 2) or c.shape[-1] < 2 or (c.dim() == 2 and c.shape[0] != num_groups):
             raise ValueError(
                 f"trm: extras['coefficients'] of task {update.task} has shape {tuple(c.shape)}; expected (K+1,) "
-                f"or ({max(groups.values()) + 1}, K+1) for the layer groups of its modules, K >= 1"
+                f"or ({num_groups}, K+1) for the layer groups of its modules, K >= 1 (sharded: send extras['alpha'])"
             )
-        return {key: float(c[g, -1]) for key, g in groups.items()}
-
-    def extra_meta(self) -> dict[str, Any]:
-        return {**super().extra_meta(), "trm_snapshots": self.settings.snapshots}
+        return expert_coefficient(c, groups if c.dim() == 2 else None)
