@@ -1,0 +1,7 @@
+"""Evaluation harness: one entry point, `evaluate_task`, sharded with an exact global reduction."""
+
+from __future__ import annotations
+
+from pm_ray.eval.evaluate import evaluate_task, evaluate_stream
+
+__all__ = ["evaluate_task", "evaluate_stream"]

@@ -1,0 +1,1 @@
+"""Backbones (local, hub, bundled offline, tiny random), LoRA attachment, per-task heads."""
