@@ -141,12 +141,12 @@ class ProgressPrinter(threading.Thread):
 
     def __init__(self, run: RunDir, stream: Any = sys.stderr, every_s: float = 2.0) -> None:
         super().__init__(daemon=True)
-        self.run, self.stream, self.every_s = run, stream, every_s
+        self.run_dir, self.stream, self.every_s = run, stream, every_s
         self.stop = threading.Event()
         self.last = ""
 
     def line(self) -> str | None:
-        path = self.run.path / "progress.json"
+        path = self.run_dir.path / "progress.json"
         if not path.is_file():
             return None
         try:
