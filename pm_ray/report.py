@@ -15,13 +15,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pm_ray.core.metrics import continual_metrics
+from pm_ray.core.tensors import atomic_write_bytes
 
 Alpha = float | Mapping[str, float] | None
 
@@ -173,22 +172,6 @@ def format_comparison_table(rows: Sequence[Mapping[str, Any]], *, markdown: bool
 # ---- plots ------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _new_figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -202,7 +185,7 @@ def _save(figure: Any, path: str | Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
     path = Path(path)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -410,5 +393,5 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         "## Plots",
         "\n".join(f"![{p.stem}]({p.name})" for p in plots),
     ]) + "\n"
-    _atomic_write(out / "summary.md", markdown.encode())
+    atomic_write_bytes(out / "summary.md", markdown.encode())
     return {"table": table, "metrics": metrics, "plots": [str(p) for p in plots]}
