@@ -38,12 +38,10 @@ def load_spec(path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
 
 
 def summary_row(name: str, state: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {"strategy": name, **state.metrics, "alphas": state.alphas, "wall_s": round(state.wall_s, 1)}
-    for key in ("start_grad_norm", "first_steps_loss_drop"):
-        values = [d[key] for d in state.diagnostics[1:] if key in d]  # tasks 2..T start from a merge
-        if values:
-            row[key] = sum(values) / len(values)
-    return row
+    from pm_ray.report import diagnostics_summary
+
+    return {"strategy": name, **state.metrics, "alphas": state.alphas, "wall_s": round(state.wall_s, 1),
+            **diagnostics_summary(state.diagnostics)}
 
 
 def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False) -> tuple[list[dict[str, Any]], str]:

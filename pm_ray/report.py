@@ -358,10 +358,35 @@ def _final_metrics(state: Mapping[str, Any]) -> dict[str, float]:
         return {}
 
 
-def _numeric_diagnostics(diagnostics: Sequence[Any]) -> dict[str, float]:
-    """The first task's numeric diagnostics (e.g. first_step_grad_norm) as extra comparison columns."""
-    first = diagnostics[0] if diagnostics and isinstance(diagnostics[0], dict) else {}
-    return {k: v for k, v in first.items() if k != "task" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+MERGE_START_KEYS = ("start_grad_norm", "first_steps_loss_drop")
+
+
+def diagnostics_summary(diagnostics: Sequence[Any]) -> dict[str, float]:
+    """Comparison columns from the per-task diagnostics: the means over tasks 2..T of the gradient
+    norm at the first step and the loss drop over the first steps (those tasks start from a merged
+    model; task 1 starts from the pretrained one, so it says nothing about a merge)."""
+    rows = [d for d in diagnostics if isinstance(d, dict)]
+    out: dict[str, float] = {}
+    for key in MERGE_START_KEYS:
+        values = [d[key] for d in rows[1:] if isinstance(d.get(key), (int, float))]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def format_diagnostics_table(diagnostics: Sequence[Any], names: Sequence[str], alphas: Sequence[Any],
+                             *, markdown: bool = False) -> str:
+    """One row per task: where its training started (grad norm, loss drop) and how it ended."""
+    columns = ["task", "start_grad_norm", "first_steps_loss_drop", "final_loss", "train_s", "task_s", "alpha"]
+    body = []
+    for i, d in enumerate(d for d in diagnostics if isinstance(d, dict)):
+        alpha = alphas[i] if i < len(alphas) else None
+        body.append([f"{i + 1} {names[i] if i < len(names) else '?'}",
+                     *(format_number(d.get(k)) if d.get(k) is not None else MISSING
+                       for k in ("start_grad_norm", "first_steps_loss_drop", "final_loss")),
+                     *(f"{d[k]:.1f}" if isinstance(d.get(k), (int, float)) else MISSING for k in ("train_s", "task_s")),
+                     format_alphas([alpha]) if alpha is not None else MISSING])
+    return _render(columns, body, [False] + [True] * (len(columns) - 1), markdown)
 
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
@@ -373,7 +398,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     names, R, alphas = state["task_names"], state["accuracy"], state.get("alphas", [])
     metrics = _final_metrics(state)
     summary_row = {"strategy": state.get("strategy", MISSING), **metrics, "alphas": alphas,
-                   "wall_s": state.get("wall_s"), **_numeric_diagnostics(state.get("diagnostics", []))}
+                   "wall_s": state.get("wall_s"), **diagnostics_summary(state.get("diagnostics", []))}
     progress = f"{state.get('run_name', run_dir.name)}: {state['completed']}/{len(names)} tasks"
     table = "\n\n".join([progress, format_results_table(R, names), format_comparison_table([summary_row])])
 
@@ -390,6 +415,8 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         format_results_table(R, names, markdown=True),
         "## Summary",
         format_comparison_table([summary_row], markdown=True),
+        "## Per task (diagnostics: the first steps of task t+1 start at the merged model of task t)",
+        format_diagnostics_table(state.get("diagnostics", []), names, alphas, markdown=True),
         "## Plots",
         "\n".join(f"![{p.stem}]({p.name})" for p in plots),
     ]) + "\n"

@@ -152,7 +152,10 @@ def write_state(run_dir: Path, **overrides: object) -> Path:
     state = {
         "version": 1, "run_name": "demo", "strategy": "pm", "task_names": NAMES + ["rte"], "completed": 3,
         "alphas": [1.0, {"q": 0.4, "v": 0.6}, 0.3], "accuracy": [[0.9], [0.85, 0.8], [0.8, 0.75, 0.7]],
-        "metrics": {}, "diagnostics": [{"task": 1, "first_step_grad_norm": 0.5}], "wall_s": 12.345,
+        "metrics": {}, "wall_s": 12.345,
+        "diagnostics": [{"task": 1, "start_grad_norm": 9.0, "first_steps_loss_drop": 2.0, "train_s": 3.0, "task_s": 4.0, "final_loss": 0.25},
+                        {"task": 2, "start_grad_norm": 0.5, "first_steps_loss_drop": 0.1, "train_s": 3.5, "task_s": 4.5, "final_loss": 0.5},
+                        {"task": 3, "start_grad_norm": 1.5, "first_steps_loss_drop": 0.3, "train_s": 2.5, "task_s": 3.5, "final_loss": 0.75}],
         "mlflow_run_id": None,  # the pipeline writes more fields than a report needs
     }
     state.update(overrides)
@@ -174,10 +177,14 @@ def test_write_report_from_state_json(tmp_path: Path, capsys: pytest.CaptureFixt
     table = report["table"]
     assert "demo: 3/4 tasks" in table
     assert re.search(r"3 mnli\s+0\.800\s+0\.750\s+0\.700\s+0\.750", table)
-    assert re.search(r"pm\s+0\.750\s+0\.825\s+0\.075\s+-0\.075\s+1\.000, 0\.500 \(0\.400\.\.0\.600\), 0\.300\s+12\.3\s+0\.500", table)
+    # start_grad_norm / loss drop: means over tasks 2..T (task 1 starts from the pretrained model)
+    assert re.search(r"pm\s+0\.750\s+0\.825\s+0\.075\s+-0\.075\s+1\.000, 0\.500 \(0\.400\.\.0\.600\), 0\.300\s+12\.3\s+1\.000\s+0\.200\s*$",
+                     table, re.MULTILINE)
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "| 3 mnli     | 0.800 | 0.750 | 0.700 | 0.750 |" in summary
     assert "![accuracy](accuracy.png)" in summary
+    per_task = [markdown_cells(line) for line in summary.splitlines() if line.startswith("| 2 boolq")]
+    assert per_task[-1:] == [["2 boolq", "0.500", "0.100", "0.500", "3.5", "4.5", "0.500 (0.400..0.600)"]]
 
 
 def test_write_report_uses_stored_metrics(tmp_path: Path) -> None:

@@ -185,6 +185,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         n = min(cfg.diagnostics.first_steps, len(losses))
         if n:
             diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
+        diag["train_s"] = time.time() - t_start
         engine.close()
 
         # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now)
@@ -228,7 +229,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.completed = t
             state.alphas.append(merge_info["alpha"])
             state.accuracy.append(row)
-            state.diagnostics.append({"task": t, **diag, "train_s": time.time() - t_start, "final_loss": losses[-1]})
+            state.diagnostics.append({"task": t, **diag, "task_s": time.time() - t_start, "final_loss": losses[-1]})
             state.stats_files = merge_info["state_files"]
             state.wall_s += time.time() - t_start
             checkpoints.write_merged(run, state, merged, merge_info["is_line"], tasks)
