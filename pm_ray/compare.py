@@ -15,9 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from pm_ray.config import ConfigError, load_config
+from pm_ray.config import ConfigError, load_config, read_yaml_mapping
 from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.pipeline import run_continual
 
@@ -25,7 +24,7 @@ from pm_ray.pipeline import run_continual
 def load_spec(path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
     if not path.is_file():
         raise ConfigError(f"{path}: comparison spec does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml_mapping(path)
     if not isinstance(spec, dict) or set(spec) - {"base", "strategies"} or "base" not in spec or "strategies" not in spec:
         raise ConfigError(f"{path}: expected exactly the keys 'base' (a run config) and 'strategies' (name -> overrides)")
     strategies = spec["strategies"]

@@ -187,7 +187,7 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """``key=value`` values are YAML scalars/flow collections: 0.5, true, null, [a, b], {k: 1}."""
     try:
         return yaml.safe_load(text)
@@ -214,7 +214,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"override: unknown config key {key!r}{hint}")
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = parse_value(raw)
     return data
 
 

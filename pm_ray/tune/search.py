@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pm_ray.config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_yaml_mapping
+from pm_ray.config import ConfigError, RunConfig, apply_overrides, config_from_dict, parse_value, read_yaml_mapping
 
 DISTRIBUTIONS: tuple[str, ...] = ("grid", "choice", "uniform", "loguniform", "randint")
 OBJECTIVES: tuple[str, ...] = ("acc", "aaa")
@@ -265,7 +264,7 @@ def plain(value: Any) -> Any:
 
 def _set_dotted_plain(data: dict[str, Any], key: str, raw: str) -> None:
     """``search.<field>=value``; ``search.space.<dotted config key>={grid: [...]}`` sets one dimension."""
-    value = yaml.safe_load(raw) if raw.strip() else raw
+    value = parse_value(raw) if raw.strip() else raw
     if key.startswith("space."):
         space = data.get("space")
         if space is None:
