@@ -37,14 +37,33 @@ class LoraSection(Section):
 
 
 class TaskFile(Section):
+    """One task of `tasks.files` (see pm_ray/data/sources.py): train + test files, or one `path`
+    holding every example (BIG-bench task.json, SuperNI JSON, `bigbench:<task>`) split here."""
+
     name: str
     kind: Literal["instruction", "classification"] = "instruction"
-    train: str
-    test: str
+    format: Literal["auto", "jsonl", "parquet", "alpaca", "trace", "bigbench", "superni"] = "auto"
+    train: str | None = None
+    test: str | None = None
+    path: str | None = None
+    max_train: int | None = Field(None, ge=1)
+    max_test: int | None = Field(None, ge=1)
+    seed: int = 0
+    choices_in_prompt: Literal["auto", "list", "hide"] = "auto"  # BIG-bench append_choices_to_input
+    positive_examples: int = Field(0, ge=0)  # SuperNI: demonstrations prepended to the definition
+    instruction_part: Literal["full", "prompt"] = "full"  # "prompt": an NI v1 prefix's `Prompt:` line
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> TaskFile:
+        single, pair = self.path is not None, (self.train, self.test) != (None, None)
+        if single == pair or (pair and None in (self.train, self.test)):
+            raise ValueError("give either path (one file with every example, split by max_test/max_train/seed) "
+                             "or both train and test")
+        return self
 
 
 class TasksSection(Section):
-    suite: str | None = "cit5"
+    suite: str | None = "ni8"
     variant: Literal["full", "quick"] = "quick"
     seed: int = 0
     files: list[TaskFile] = []
@@ -55,7 +74,7 @@ class TasksSection(Section):
         if self.files and self.suite:
             raise ValueError("give either tasks.suite or tasks.files, not both (set tasks.suite=null to use files)")
         if not self.files and not self.suite:
-            raise ValueError("no tasks: set tasks.suite (e.g. cit5) or list tasks.files")
+            raise ValueError("no tasks: set tasks.suite (ni8 or cit5) or list tasks.files")
         return self
 
 

@@ -44,11 +44,11 @@ class RunSummary:
 
 
 def _resolve_tasks(cfg: RunConfig, cache_dir: Path) -> list[Any]:
-    from pm_ray.data.readers import load_stream
+    from pm_ray.data.sources import load_sources
     from pm_ray.data.suites import build_suite
 
     if cfg.tasks.files:
-        tasks = load_stream([f.model_dump() for f in cfg.tasks.files])
+        tasks = load_sources([f.model_dump() for f in cfg.tasks.files])
     else:
         assert cfg.tasks.suite is not None
         tasks = build_suite(cfg.tasks.suite, variant=cfg.tasks.variant, seed=cfg.tasks.seed, cache_dir=cache_dir)

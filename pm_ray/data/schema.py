@@ -16,6 +16,7 @@ INSTRUCTION_COLUMNS: dict[str, tuple[bool, str]] = {
     "input": (False, "a string or null"),
     "output": (True, "a string"),
     "choices": (False, "a list of at least 2 distinct strings containing the output, or null"),
+    "references": (False, "a non-empty list of accepted answer strings (generation), or null"),
 }
 CLASSIFICATION_COLUMNS: dict[str, tuple[bool, str]] = {
     "text": (True, "a non-empty string"),
@@ -43,7 +44,8 @@ class Task:
     """One task of a stream. `train`/`test` are validated, normalised Arrow tables.
 
     instruction: columns instruction (str), input (str, "" when absent), output (str),
-                 and choices (list<str>) when the task is multiple-choice.
+                 and choices (list<str>) when the task is multiple-choice, or references
+                 (list<str>, every accepted answer; exact match against any) for generation.
     classification: columns text (str), label (str); `labels` lists the task's classes in order.
     """
 
@@ -95,6 +97,24 @@ def _check_choices(value: object, output: str, *, source: str, row: int) -> list
     return value
 
 
+def _check_references(value: object, *, source: str, row: int) -> list[str] | None:
+    expected = INSTRUCTION_COLUMNS["references"][1]
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+        raise TaskDataError(source, f"got {value!r}, expected {expected}", row=row, column="references")
+    return value
+
+
+def _uniform_optional(values: list, column: str, source: str) -> pa.Array | None:
+    """An optional list column: present on every row (an Arrow list column) or on none (None)."""
+    nulls = [i for i, c in enumerate(values) if c is None]
+    if nulls and len(nulls) != len(values):
+        raise TaskDataError(source, f"{column} given on some rows but null here; a task has {column} "
+                            "on every row or on none", row=nulls[0], column=column)
+    return None if nulls else pa.array(values, pa.list_(pa.string()))
+
+
 def validate_table(table: pa.Table, kind: str, *, source: str) -> pa.Table:
     """Check `table` against the schema of `kind` and return it normalised (see `Task`).
 
@@ -117,8 +137,9 @@ def validate_table(table: pa.Table, kind: str, *, source: str) -> pa.Table:
 
 
 def _normalise_instruction(rows: list[dict], column_names: list[str], *, source: str) -> pa.Table:
-    instructions, inputs, outputs, choices = [], [], [], []
+    instructions, inputs, outputs, choices, references = [], [], [], [], []
     has_choices = "choices" in column_names
+    has_references = "references" in column_names
     for i, r in enumerate(rows):
         instructions.append(_check_string(r["instruction"], source=source, row=i, column="instruction",
                                           expected=INSTRUCTION_COLUMNS["instruction"][1],
@@ -131,18 +152,20 @@ def _normalise_instruction(rows: list[dict], column_names: list[str], *, source:
         outputs.append(out)
         if has_choices:
             choices.append(_check_choices(r.get("choices"), out, source=source, row=i))
+        if has_references:
+            references.append(_check_references(r.get("references"), source=source, row=i))
     columns: dict[str, pa.Array] = {
         "instruction": pa.array(instructions, pa.string()),
         "input": pa.array(inputs, pa.string()),
         "output": pa.array(outputs, pa.string()),
     }
-    if has_choices:
-        nulls = [i for i, c in enumerate(choices) if c is None]
-        if nulls and len(nulls) != len(choices):
-            raise TaskDataError(source, "choices given on some rows but null here; a task is either "
-                                "multiple-choice on every row or on none", row=nulls[0], column="choices")
-        if not nulls:
-            columns["choices"] = pa.array(choices, pa.list_(pa.string()))
+    for name, values, present in (("choices", choices, has_choices), ("references", references, has_references)):
+        array = _uniform_optional(values, name, source) if present else None
+        if array is not None:
+            columns[name] = array
+    if "choices" in columns and "references" in columns:
+        raise TaskDataError(source, "a task has choices (multiple choice) or references (generation), not both",
+                            column="references")
     return pa.table(columns)
 
 

@@ -30,9 +30,10 @@ from pm_ray.data.generators.python_output import python_output_row
 from pm_ray.data.generators.weekday import weekday_row
 from pm_ray.data.readers import make_task
 from pm_ray.data.schema import Task
+from pm_ray.data.sources import rows_to_table
 
 SUITE_VERSION = 1  # bump when a generator changes: cached suites of another version are rebuilt
-SUITES: tuple[str, ...] = ("cit5",)
+SUITES: tuple[str, ...] = ("ni8", "cit5")
 CIT5_TASKS: tuple[str, ...] = ("drug_sentiment", "arithmetic", "reverse_words", "python_output", "weekday")
 
 
@@ -80,12 +81,6 @@ CIT5_BUILDERS: dict[str, Callable[[int, SuiteSize, random.Random], SplitRows]] =
     "python_output": _synthetic(python_output_row),
     "weekday": _synthetic(weekday_row),
 }
-
-
-def rows_to_table(rows: list[Row]) -> pa.Table:
-    columns = ["instruction", "input", "output"] + (["choices"] if "choices" in rows[0] else [])
-    types = {"choices": pa.list_(pa.string())}
-    return pa.table({c: pa.array([r[c] for r in rows], types.get(c, pa.string())) for c in columns})
 
 
 def table_hash(table: pa.Table) -> str:
@@ -157,6 +152,19 @@ def _write_cache(directory: Path, name: str, variant: str, seed: int,
     os.replace(tmp, directory / "manifest.json")
 
 
+def generate_ni8(*, variant: str, seed: int) -> dict[str, tuple[pa.Table, pa.Table]]:
+    """The ni8 stream from the BIG-bench archive (downloaded once per machine; see data/ni8.py)."""
+    from pm_ray.data.ni8 import ni8_specs
+    from pm_ray.data.sources import load_sources
+
+    return {t.name: (t.train, t.test) for t in load_sources(ni8_specs(variant, seed))}
+
+
+GENERATORS: dict[str, Callable[..., dict[str, tuple[pa.Table, pa.Table]]]] = {
+    "ni8": generate_ni8, "cit5": generate_cit5,
+}
+
+
 def build_suite(name: str = "cit5", *, variant: str = "full", seed: int = 0,
                 cache_dir: str | Path | None = None) -> list[Task]:
     """The suite's tasks in stream order. With `cache_dir`, Parquet files + manifest.json (content
@@ -170,7 +178,7 @@ def build_suite(name: str = "cit5", *, variant: str = "full", seed: int = 0,
     if directory is not None:
         tables = _load_cached(directory, name)
     if tables is None:
-        tables = generate_cit5(variant=variant, seed=seed)
+        tables = GENERATORS[name](variant=variant, seed=seed)
         if directory is not None:
             _write_cache(directory, name, variant, seed, tables)
     return [make_task(task, "instruction", train, test, source=f"{name}:{task}")

@@ -1,4 +1,4 @@
-"""Generation tasks: batched greedy decoding (left padding), normalised exact match."""
+"""Generation tasks: batched greedy decoding (left padding), normalised exact match (against any reference)."""
 
 from __future__ import annotations
 
@@ -32,5 +32,10 @@ def generate_answers(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]
     return answers
 
 
+def accepted_answers(row: dict[str, Any]) -> list[str]:
+    """The answers that count as correct: every reference when the task lists them, else the output."""
+    return [str(ref) for ref in row.get("references") or [row["output"]]]
+
+
 def count_exact_matches(answers: list[str], rows: list[dict[str, Any]]) -> int:
-    return sum(exact_match(a, str(r["output"])) for a, r in zip(answers, rows, strict=True))
+    return sum(any(exact_match(a, ref) for ref in accepted_answers(r)) for a, r in zip(answers, rows, strict=True))

@@ -69,6 +69,26 @@ def test_bad_data_exit_2(tmp_path, storage, capsys) -> None:
     assert_nothing_written(storage)
 
 
+@pytest.mark.parametrize("fmt", ["bigbench", "superni"])
+def test_malformed_bigbench_or_superni_exit_2(tmp_path, storage, capsys, fmt) -> None:
+    if fmt == "bigbench":
+        examples = [{"input": f"q{i}", "target_scores": {"yes": 1, "no": 0}} for i in range(6)]
+        examples[4] = {"input": "q4", "target_scores": {"yes": 1, "no": 1}}
+        data, where = {"task_prefix": "Answer.", "examples": examples}, "example 4"
+    else:
+        instances = [{"id": str(i), "input": f"q{i}", "output": ["a"]} for i in range(6)]
+        instances[4] = {"id": "4", "input": "q4"}
+        data, where = {"Definition": ["Answer."], "Instances": instances}, "instance 4"
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(data))
+    cfg = tiny_config(storage, tasks={"suite": None, "limit": None,
+                                      "files": [{"name": "t", "path": str(path), "format": fmt, "max_test": 2}]})
+    code, err = run_cli(["run", str(write_config(tmp_path / "c.yaml", cfg))], capsys)
+    assert code == 2, err
+    assert f"{path}, {where}" in err and len(err.strip().splitlines()) == 1
+    assert_nothing_written(storage)
+
+
 def test_missing_config_file_and_run_dir(tmp_path, capsys) -> None:
     code, err = run_cli(["run", str(tmp_path / "nope.yaml")], capsys)
     assert code == 2 and "nope.yaml" in err and "does not exist" in err

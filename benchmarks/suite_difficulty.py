@@ -1,11 +1,13 @@
-"""cit5 suite measurement: zero-shot score, score after each task's own training, score after the
+"""Suite difficulty: zero-shot score, score after each task's own training, score after the
 whole stream trained sequentially (plain sequential LoRA: train LoRA_t, fold it in, next task).
 
 Single process, its own minimal LoRA loop (AdamW), SmolLM2-135M-Instruct from the bundled GGUF.
-Prints one JSON object. `--probe` instead trains every task separately from the base model on a
-few rows (difficulty check of the generators).
+Prints one JSON object. `--probe` instead trains every task separately from the base model
+(difficulty check of each task on its own). `--suite ni8 --tasks a,b,...` measures any of the ni8
+candidates (pm_ray/data/ni8.py).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cit5_suite.py --threads 2 > cit5.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/suite_difficulty.py --suite cit5 --threads 2 > cit5.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/suite_difficulty.py --suite ni8 --variant quick --probe
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 
+from pm_ray.data.ni8 import ni8_specs
+from pm_ray.data.sources import load_sources
 from pm_ray.data.suites import build_suite
 from pm_ray.data.tokenize import TruncationStats, batch_iterator
 from pm_ray.eval import evaluate_task
@@ -28,6 +32,8 @@ from pm_ray.models.lora import attach_lora
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--suite", default="cit5", choices=["cit5", "ni8"])
+    p.add_argument("--tasks", default=None, help="ni8: comma-separated candidate names (default: the suite)")
     p.add_argument("--variant", default="full", choices=["full", "quick"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=100)
@@ -81,11 +87,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.time()
-    tasks = build_suite("cit5", variant=args.variant, seed=args.seed, cache_dir=args.cache_dir)
+    if args.suite == "ni8" and args.tasks:
+        tasks = load_sources(ni8_specs(args.variant, args.seed, tuple(args.tasks.split(","))))
+    else:
+        tasks = build_suite(args.suite, variant=args.variant, seed=args.seed, cache_dir=args.cache_dir)
     stats = TruncationStats()
     model, tokenizer = load_backbone(args.model)
     names = [t.name for t in tasks]
     out: dict[str, Any] = {"config": vars(args), "tasks": names,
+                           "rows": {t.name: {"train": t.train.num_rows, "test": t.test.num_rows} for t in tasks},
                            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__}}
     zero_shot = {t.name: evaluate(model, tokenizer, t, args) for t in tasks}

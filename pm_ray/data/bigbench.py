@@ -1,0 +1,186 @@
+"""BIG-bench `task.json` files as instruction rows, read straight from the PyPI sdist (never executed).
+
+A BIG-bench JSON task (github.com/google/BIG-bench, `docs/doc.md`) is
+    {"task_prefix": str?, "append_choices_to_input": bool?, "examples": [
+        {"input": str, "target": str | [str]}                       # generation
+        {"input": str, "target_scores": {choice: score, ...}}       # multiple choice
+    ]}
+Row mapping: instruction = task_prefix (or the task's description when it has none), input =
+example input, and
+- multiple choice: choices = the target_scores keys in file order, output = the unique best-scored
+  choice. BIG-bench appends the choices to the input unless the task sets
+  `append_choices_to_input: false` (its default is true); `choices_in_prompt` honours that by
+  default ("auto") and can force either way. The appended text is BIG-bench's own
+  (`"\n  choice: " + choice` for each choice).
+- generation: output = the first target, references = all targets (exact match against any).
+
+The archive is `bigbench-1.0.0.tar.gz` from PyPI; its setup.py is broken and nothing in it is run:
+`fetch_archive` downloads the file with `pip download --no-deps`, and members are read with `tarfile`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pm_ray.data.schema import TaskDataError
+
+ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
+ARCHIVE_SPEC = "bigbench==1.0.0"
+TASKS_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks"
+BIGBENCH_CHOICE_PREFIX = "\n  choice: "  # BIG-bench's json_task default
+ChoicesInPrompt = Literal["auto", "list", "hide"]
+InstructionPart = Literal["full", "prompt"]
+NI_PROMPT_MARK = "Prompt:"
+
+
+def cache_root() -> Path:
+    """Where downloaded archives and built suites live: $PM_RAY_CACHE or ~/.cache/pm-ray."""
+    return Path(os.environ.get("PM_RAY_CACHE") or Path.home() / ".cache" / "pm-ray")
+
+
+def archive_path(cache_dir: Path | None = None) -> Path:
+    return (cache_dir or cache_root() / "archives") / ARCHIVE_NAME
+
+
+def fetch_archive(cache_dir: Path | None = None, *, quiet: bool = False) -> Path:
+    """The BIG-bench sdist, downloaded once per machine into the cache (`pip download --no-deps`)."""
+    path = archive_path(cache_dir)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"pm-ray: downloading {ARCHIVE_SPEC} (342 MB, once per machine) into {path.parent}",
+              file=sys.stderr, flush=True)
+    tmp = path.parent / f".download-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+           ARCHIVE_SPEC, "-d", str(tmp)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    got = tmp / ARCHIVE_NAME
+    if result.returncode != 0 or not got.exists():
+        raise TaskDataError(ARCHIVE_SPEC, f"could not download the BIG-bench archive with `{' '.join(cmd)}`: "
+                            f"{(result.stderr or result.stdout).strip()[-500:]}")
+    os.replace(got, path)
+    tmp.rmdir()
+    return path
+
+
+def read_archive_tasks(archive: Path, tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """{task: parsed task.json} for `tasks` (e.g. "fact_checker/fever"), in one pass over the archive."""
+    members = {f"{TASKS_ROOT}/{t}/task.json": t for t in tasks}
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tf:
+            for member in tf:
+                task = members.get(member.name)
+                if task is None or not member.isfile():
+                    continue
+                handle = tf.extractfile(member)
+                assert handle is not None
+                found[task] = _parse(handle.read(), f"{archive}:{member.name}")
+                if len(found) == len(members):
+                    break
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise TaskDataError(str(archive), f"cannot read the BIG-bench archive: {err}") from err
+    missing = [t for t in tasks if t not in found]
+    if missing:
+        raise TaskDataError(str(archive), f"no task.json for {missing} under {TASKS_ROOT}/")
+    return found
+
+
+def read_task_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise TaskDataError(str(p), "file does not exist" if not p.exists() else "not a file")
+    return _parse(p.read_bytes(), str(p))
+
+
+def _parse(raw: bytes, source: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TaskDataError(source, f"cannot parse as JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise TaskDataError(source, f"expected a BIG-bench task object with 'examples', got {type(data).__name__}")
+    return data
+
+
+def ni_prompt(prefix: str, source: str) -> str:
+    """The short `Prompt:` section of a Natural Instructions v1 prefix ("Definition: ... Things to
+    Avoid: ... Emphasis/Caution: ... Prompt: <one line>"), for CPU-sized prompts."""
+    head, mark, tail = prefix.rpartition(NI_PROMPT_MARK)
+    if not mark or not tail.strip():
+        raise TaskDataError(source, f"instruction_part='prompt' needs a Natural Instructions prefix with a "
+                            f"{NI_PROMPT_MARK!r} section")
+    return tail.strip()
+
+
+def bigbench_rows(task: dict[str, Any], *, source: str, choices_in_prompt: ChoicesInPrompt = "auto",
+                  instruction_part: InstructionPart = "full") -> list[dict[str, Any]]:
+    """Instruction rows (instruction, input, output, and choices or references) of one task.json.
+
+    instruction_part="prompt" keeps only the `Prompt:` line of a Natural Instructions prefix."""
+    examples = task.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise TaskDataError(source, "expected a non-empty list 'examples' (a BIG-bench JSON task; "
+                            "programmatic tasks have no task.json examples)")
+    prefix = task.get("task_prefix")
+    if prefix is not None and not isinstance(prefix, str):
+        raise TaskDataError(source, f"'task_prefix' must be a string, got {type(prefix).__name__}")
+    instruction = (prefix or "").strip() or str(task.get("description") or "").strip()
+    if instruction_part == "prompt":
+        instruction = ni_prompt(instruction, source)
+    if not instruction:
+        raise TaskDataError(source, "no instruction: the task has neither 'task_prefix' nor 'description'")
+    append = bool(task.get("append_choices_to_input", True)) if choices_in_prompt == "auto" \
+        else choices_in_prompt == "list"
+    rows = [_row(ex, i, instruction, append, source) for i, ex in enumerate(examples)]
+    kinds = {"choices" in r for r in rows}
+    if len(kinds) > 1:
+        first = next(i for i, r in enumerate(rows) if ("choices" in r) != ("choices" in rows[0]))
+        raise TaskDataError(source, "mixes multiple-choice ('target_scores') and generation ('target') "
+                            "examples; a task is one or the other", row=first)
+    return rows
+
+
+def _row(ex: Any, i: int, instruction: str, append: bool, source: str) -> dict[str, Any]:
+    where = f"{source}, example {i}"
+    if not isinstance(ex, dict):
+        raise TaskDataError(where, f"expected an object, got {type(ex).__name__}")
+    text = ex.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise TaskDataError(where, f"'input' must be a non-empty string, got {text!r}")
+    scores = ex.get("target_scores")
+    if scores is not None:
+        return _choice_row(scores, text, instruction, append, where)
+    target = ex.get("target")
+    targets = [target] if isinstance(target, str) else target
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise TaskDataError(where, f"expected 'target' (a string or list of strings) or 'target_scores', "
+                            f"got target={target!r}")
+    return {"instruction": instruction, "input": text.strip(), "output": targets[0].strip(),
+            "references": [t.strip() for t in targets]}
+
+
+def _choice_row(scores: Any, text: str, instruction: str, append: bool, where: str) -> dict[str, Any]:
+    if (not isinstance(scores, dict) or len(scores) < 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values())):
+        raise TaskDataError(where, f"'target_scores' must map at least 2 choices to numbers, got {scores!r}")
+    best = max(scores.values())
+    winners = [c for c, v in scores.items() if v == best]
+    if len(winners) != 1 or best <= 0:
+        raise TaskDataError(where, f"'target_scores' needs exactly one best choice with a positive score, "
+                            f"got {scores!r}")
+    choices = [c.strip() for c in scores]
+    if len(set(choices)) != len(choices) or not all(choices):
+        raise TaskDataError(where, f"choices must be distinct non-empty strings, got {list(scores)!r}")
+    body = text.strip()
+    if append:
+        body += BIGBENCH_CHOICE_PREFIX + BIGBENCH_CHOICE_PREFIX.join(choices)
+    return {"instruction": instruction, "input": body, "output": winners[0].strip(), "choices": choices}
