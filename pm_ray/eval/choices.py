@@ -72,7 +72,8 @@ def _cached_batch_scores(model: nn.Module, tokenizer: Any, batch: list[tuple[int
         prompt_mask[b, width - len(p):] = 1
     prompt_mask = prompt_mask.to(device)
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids.to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=input_ids.to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)  # only the last position: it predicts the first choice token
     first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # predicts each choice's first token
     lengths = prompt_mask.sum(-1)
     pairs = [(b, t) for b, (_, _, targets) in enumerate(batch) for t in targets]

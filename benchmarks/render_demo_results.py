@@ -1,0 +1,54 @@
+"""Regenerate the README's demo results section from the demo's output files (no typed numbers).
+
+    .venv/bin/python benchmarks/render_demo_results.py runs/compare-demo.json [--wall-s 512 --machine "..."]
+
+Copies the comparison JSON to benchmarks/results/demo.json and rewrites the README block between
+the `demo-results` markers with both accuracy matrices and the summary table, rendered by the same
+code that `pm-ray compare` prints with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from pm_ray.compare import comparison_report
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+
+
+def render(payload: list[dict], *, wall_s: float | None, machine: str) -> str:
+    rows = [{k: v for k, v in r.items() if k not in ("accuracy", "tasks", "test_rows")} for r in payload]
+    matrices = {r["strategy"]: (r["tasks"], r["accuracy"]) for r in payload}
+    report = comparison_report(rows, matrices, payload[-1]["test_rows"])
+    when = f" in {wall_s:.0f} s" if wall_s is not None else ""
+    return (f"`make demo` (jobs/demo.yaml), measured{when} on {machine}; one seed, so read differences "
+            f"against the resolution given by the test rows.\n\n{report.replace('### ', '#### ')}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("comparison", type=Path)
+    p.add_argument("--wall-s", type=float, default=None, help="measured wall time of `make demo`")
+    p.add_argument("--machine", default="the 2-core CPU development machine")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = p.parse_args()
+    payload = json.loads(args.comparison.read_text())
+    results = ROOT / "benchmarks" / "results" / "demo.json"
+    if args.comparison.resolve() != results.resolve():
+        shutil.copyfile(args.comparison, results)
+    text = args.readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{args.readme}: no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    block = render(payload, wall_s=args.wall_s, machine=args.machine)
+    args.readme.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
