@@ -3,11 +3,11 @@ whole stream trained sequentially (plain sequential LoRA: train LoRA_t, fold it 
 
 Single process, its own minimal LoRA loop (AdamW), SmolLM2-135M-Instruct from the bundled GGUF.
 Prints one JSON object. `--probe` instead trains every task separately from the base model
-(difficulty check of each task on its own). `--suite ni8 --tasks a,b,...` measures any of the ni8
-candidates (pm_ray/data/ni8.py).
+(difficulty check of each task on its own). `--suite bbni --tasks a,b,...` measures any of the bbni
+candidates (pm_ray/data/bbni.py).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/suite_difficulty.py --suite cit5 --threads 2 > cit5.json
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/suite_difficulty.py --suite ni8 --variant quick --probe
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/suite_difficulty.py --suite bbni --variant quick --probe
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pm_ray.data.ni8 import ni8_specs
+from pm_ray.data.bbni import bbni_specs
 from pm_ray.data.sources import load_sources
 from pm_ray.data.suites import build_suite
 from pm_ray.data.tokenize import TruncationStats, batch_iterator
@@ -32,8 +32,8 @@ from pm_ray.models.lora import attach_lora
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled:smollm2-135m-instruct")
-    p.add_argument("--suite", default="cit5", choices=["cit5", "ni8"])
-    p.add_argument("--tasks", default=None, help="ni8: comma-separated candidate names (default: the suite)")
+    p.add_argument("--suite", default="cit5", choices=["cit5", "bbni"])
+    p.add_argument("--tasks", default=None, help="bbni: comma-separated candidate names (default: the suite)")
     p.add_argument("--variant", default="full", choices=["full", "quick"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=100)
@@ -87,8 +87,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.time()
-    if args.suite == "ni8" and args.tasks:
-        tasks = load_sources(ni8_specs(args.variant, args.seed, tuple(args.tasks.split(","))))
+    if args.suite == "bbni" and args.tasks:
+        tasks = load_sources(bbni_specs(args.variant, args.seed, tuple(args.tasks.split(","))))
     else:
         tasks = build_suite(args.suite, variant=args.variant, seed=args.seed, cache_dir=args.cache_dir)
     stats = TruncationStats()

@@ -63,7 +63,7 @@ class TaskFile(Section):
 
 
 class TasksSection(Section):
-    suite: str | None = "ni8"
+    suite: str | None = "bbni"
     variant: Literal["full", "quick"] = "quick"
     seed: int = 0
     files: list[TaskFile] = []
@@ -74,7 +74,7 @@ class TasksSection(Section):
         if self.files and self.suite:
             raise ValueError("give either tasks.suite or tasks.files, not both (set tasks.suite=null to use files)")
         if not self.files and not self.suite:
-            raise ValueError("no tasks: set tasks.suite (ni8 or cit5) or list tasks.files")
+            raise ValueError("no tasks: set tasks.suite (bbni or cit5) or list tasks.files")
         return self
 
 

@@ -8,7 +8,7 @@ from pm_ray.config import ConfigError, RunConfig, apply_overrides, config_from_d
 def test_defaults_are_the_embedded_quickstart() -> None:
     cfg = load_config(None)
     assert cfg.model.name_or_path == "bundled:smollm2-135m-instruct"
-    assert cfg.tasks.suite == "ni8" and cfg.merge.strategy == "pm" and cfg.perturbation.epsilon == 0.5
+    assert cfg.tasks.suite == "bbni" and cfg.merge.strategy == "pm" and cfg.perturbation.epsilon == 0.5
     assert cfg.tracking.uri is None and cfg.ray.address is None
 
 

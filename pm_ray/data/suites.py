@@ -33,7 +33,7 @@ from pm_ray.data.schema import Task
 from pm_ray.data.sources import rows_to_table
 
 SUITE_VERSION = 1  # bump when a generator changes: cached suites of another version are rebuilt
-SUITES: tuple[str, ...] = ("ni8", "cit5")
+SUITES: tuple[str, ...] = ("bbni", "cit5")
 CIT5_TASKS: tuple[str, ...] = ("drug_sentiment", "arithmetic", "reverse_words", "python_output", "weekday")
 
 
@@ -152,16 +152,16 @@ def _write_cache(directory: Path, name: str, variant: str, seed: int,
     os.replace(tmp, directory / "manifest.json")
 
 
-def generate_ni8(*, variant: str, seed: int) -> dict[str, tuple[pa.Table, pa.Table]]:
-    """The ni8 stream from the BIG-bench archive (downloaded once per machine; see data/ni8.py)."""
-    from pm_ray.data.ni8 import ni8_specs
+def generate_bbni(*, variant: str, seed: int) -> dict[str, tuple[pa.Table, pa.Table]]:
+    """The bbni stream from the BIG-bench archive (downloaded once per machine; see data/bbni.py)."""
+    from pm_ray.data.bbni import bbni_specs
     from pm_ray.data.sources import load_sources
 
-    return {t.name: (t.train, t.test) for t in load_sources(ni8_specs(variant, seed))}
+    return {t.name: (t.train, t.test) for t in load_sources(bbni_specs(variant, seed))}
 
 
 GENERATORS: dict[str, Callable[..., dict[str, tuple[pa.Table, pa.Table]]]] = {
-    "ni8": generate_ni8, "cit5": generate_cit5,
+    "bbni": generate_bbni, "cit5": generate_cit5,
 }
 
 

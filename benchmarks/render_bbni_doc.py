@@ -1,9 +1,9 @@
-"""docs/ni8.md's tables, generated from the result files (no typed numbers).
+"""docs/bbni.md's tables, generated from the result files (no typed numbers).
 
-    .venv/bin/python benchmarks/render_ni8_doc.py benchmarks/results/ni8_probe.json \
-        benchmarks/results/demo.json > docs/ni8_tables.md
+    .venv/bin/python benchmarks/render_bbni_doc.py benchmarks/results/bbni_probe.json \
+        benchmarks/results/demo.json > docs/bbni_tables.md
 
-ni8_probe.json: `benchmarks/suite_difficulty.py --suite ni8 --probe` over every candidate (zero-shot,
+bbni_probe.json: `benchmarks/suite_difficulty.py --suite bbni --probe` over every candidate (zero-shot,
 and each task trained alone from the base model with the demo's budget).
 demo.json: `make demo`'s comparison (the sequential row gives the score right after each task is
 learned in the stream and after the whole stream).
