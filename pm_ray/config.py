@@ -68,6 +68,9 @@ class TasksSection(Section):
     seed: int = 0
     files: list[TaskFile] = []
     limit: int | None = Field(None, ge=1)  # only the first N tasks of the stream
+    # Prompt style of the suite's BIG-bench multiple-choice tasks: auto = each task's own
+    # append_choices_to_input (BIG-bench's default: list the choices), list / hide = force it.
+    choices_in_prompt: Literal["auto", "list", "hide"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self) -> TasksSection:

@@ -51,7 +51,8 @@ def _resolve_tasks(cfg: RunConfig, cache_dir: Path) -> list[Any]:
         tasks = load_sources([f.model_dump() for f in cfg.tasks.files])
     else:
         assert cfg.tasks.suite is not None
-        tasks = build_suite(cfg.tasks.suite, variant=cfg.tasks.variant, seed=cfg.tasks.seed, cache_dir=cache_dir)
+        tasks = build_suite(cfg.tasks.suite, variant=cfg.tasks.variant, seed=cfg.tasks.seed, cache_dir=cache_dir,
+                            choices_in_prompt=cfg.tasks.choices_in_prompt)
     if cfg.tasks.limit:
         tasks = tasks[: cfg.tasks.limit]
     kinds = {t.kind for t in tasks}

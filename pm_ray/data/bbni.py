@@ -21,14 +21,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "strategyqa": {"path": "bigbench:strategyqa"},
     "epistemic": {"path": "bigbench:epistemic_reasoning"},
     "vitaminc": {"path": "bigbench:vitaminc_fact_verification"},
+    "social_iqa": {"path": "bigbench:social_iqa"},
+    "hyperbaton": {"path": "bigbench:hyperbaton"},
     "question_type": {"path": f"bigbench:{NI}/subtask046_miscellaenous_question_typing", "instruction_part": "prompt"},
     "qasc_answer": {"path": f"bigbench:{NI}/subtask041_qasc_answer_generation", "instruction_part": "prompt"},
     "winogrande_answer": {"path": f"bigbench:{NI}/subtask033_winogrande_answer_generation",
                           "instruction_part": "prompt"},
 }
-# The stream: multiple choice and generation interleaved, six domains (sports plausibility, science
+# The stream: multiple choice and generation interleaved, six domains (social commonsense, science
 # QA, assistant intents, question typing, fact checking, commonsense fill-in).
-BBNI_TASKS: tuple[str, ...] = ("sports", "qasc_answer", "intent", "question_type", "fever", "winogrande_answer")
+BBNI_TASKS: tuple[str, ...] = ("social_iqa", "qasc_answer", "intent", "question_type", "fever", "winogrande_answer")
 SIZES: dict[str, tuple[int, int]] = {"quick": (160, 100), "full": (400, 250)}  # (train, test) rows a task
 
 

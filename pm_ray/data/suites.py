@@ -104,8 +104,9 @@ def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def suite_dir(cache_dir: str | Path, name: str, variant: str, seed: int) -> Path:
-    return Path(cache_dir) / f"{name}-{variant}-seed{seed}"
+def suite_dir(cache_dir: str | Path, name: str, variant: str, seed: int, choices_in_prompt: str = "auto") -> Path:
+    style = "" if choices_in_prompt == "auto" else f"-choices-{choices_in_prompt}"
+    return Path(cache_dir) / f"{name}-{variant}-seed{seed}{style}"
 
 
 def _load_cached(directory: Path, name: str) -> dict[str, tuple[pa.Table, pa.Table]] | None:
@@ -152,12 +153,13 @@ def _write_cache(directory: Path, name: str, variant: str, seed: int,
     os.replace(tmp, directory / "manifest.json")
 
 
-def generate_bbni(*, variant: str, seed: int) -> dict[str, tuple[pa.Table, pa.Table]]:
+def generate_bbni(*, variant: str, seed: int, choices_in_prompt: str = "auto") -> dict[str, tuple[pa.Table, pa.Table]]:
     """The bbni stream from the BIG-bench archive (downloaded once per machine; see data/bbni.py)."""
     from pm_ray.data.bbni import bbni_specs
     from pm_ray.data.sources import load_sources
 
-    return {t.name: (t.train, t.test) for t in load_sources(bbni_specs(variant, seed))}
+    specs = [{**spec, "choices_in_prompt": choices_in_prompt} for spec in bbni_specs(variant, seed)]
+    return {t.name: (t.train, t.test) for t in load_sources(specs)}
 
 
 GENERATORS: dict[str, Callable[..., dict[str, tuple[pa.Table, pa.Table]]]] = {
@@ -166,19 +168,25 @@ GENERATORS: dict[str, Callable[..., dict[str, tuple[pa.Table, pa.Table]]]] = {
 
 
 def build_suite(name: str = "cit5", *, variant: str = "full", seed: int = 0,
-                cache_dir: str | Path | None = None) -> list[Task]:
+                cache_dir: str | Path | None = None, choices_in_prompt: str = "auto") -> list[Task]:
     """The suite's tasks in stream order. With `cache_dir`, Parquet files + manifest.json (content
-    hashes) are written to cache_dir/<name>-<variant>-seed<seed>/ and reused when they match."""
+    hashes) are written to cache_dir/<name>-<variant>-seed<seed>/ and reused when they match.
+    `choices_in_prompt` (auto | list | hide) sets the prompt style of bbni's multiple-choice tasks."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}: expected one of {list(SUITES)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown {name} variant {variant!r}: expected one of {list(VARIANTS)}")
     tables = None
-    directory = suite_dir(cache_dir, name, variant, seed) if cache_dir is not None else None
+    if choices_in_prompt not in ("auto", "list", "hide"):
+        raise ValueError(f"choices_in_prompt {choices_in_prompt!r}: expected auto, list or hide")
+    if name == "cit5" and choices_in_prompt != "auto":
+        raise ValueError("tasks.choices_in_prompt applies to bbni (BIG-bench) tasks; cit5 has one prompt style")
+    directory = suite_dir(cache_dir, name, variant, seed, choices_in_prompt) if cache_dir is not None else None
     if directory is not None:
         tables = _load_cached(directory, name)
     if tables is None:
-        tables = GENERATORS[name](variant=variant, seed=seed)
+        extra = {"choices_in_prompt": choices_in_prompt} if name == "bbni" else {}
+        tables = GENERATORS[name](variant=variant, seed=seed, **extra)
         if directory is not None:
             _write_cache(directory, name, variant, seed, tables)
     return [make_task(task, "instruction", train, test, source=f"{name}:{task}")

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pm_ray.data.schema import example_key
+from pm_ray.data.suites import build_suite
 from pm_ray.models.packages import package_dir
 
 pytestmark = pytest.mark.assets
@@ -81,3 +82,10 @@ def test_unknown_suite_and_variant():
         build_suite("cit9")
     with pytest.raises(ValueError, match="unknown cit5 variant 'huge'"):
         build_suite(variant="huge")
+
+
+def test_prompt_style_is_refused_for_cit5() -> None:
+    with pytest.raises(ValueError, match="choices_in_prompt applies to bbni"):
+        build_suite("cit5", variant="quick", choices_in_prompt="list")
+    with pytest.raises(ValueError, match="expected auto, list or hide"):
+        build_suite("cit5", variant="quick", choices_in_prompt="sometimes")
