@@ -14,14 +14,14 @@ import json
 import shutil
 from pathlib import Path
 
+from doc_blocks import replace_block
 from pm_ray.compare import comparison_report
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 
 
 def render(payload: list[dict], *, wall_s: float | None, machine: str) -> str:
-    rows = [{k: v for k, v in r.items() if k not in ("accuracy", "tasks", "test_rows")} for r in payload]
+    rows = [{k: v for k, v in r.items() if k not in ("accuracy", "tasks", "test_rows", "data_hashes")} for r in payload]
     matrices = {r["strategy"]: (r["tasks"], r["accuracy"]) for r in payload}
     report = comparison_report(rows, matrices, payload[-1]["test_rows"])
     when = f" in {wall_s:.0f} s" if wall_s is not None else ""
@@ -40,13 +40,8 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results" / "demo.json"
     if args.comparison.resolve() != results.resolve():
         shutil.copyfile(args.comparison, results)
-    text = args.readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{args.readme}: no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
     block = render(payload, wall_s=args.wall_s, machine=args.machine)
-    args.readme.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+    replace_block(args.readme, "demo-results", block)
     print(block)
 
 

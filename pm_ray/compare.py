@@ -79,15 +79,18 @@ def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False
     rows: list[dict[str, Any]] = []
     matrices: dict[str, tuple[list[str], list[list[float]]]] = {}
     eval_rows: dict[str, int] = {}
+    hashes: dict[str, dict[str, str]] = {}
     for name, cfg in configs.items():
         summary = run_continual(cfg, config_stem=name, quiet=quiet)
         rows.append(summary_row(name, summary.state))
         matrices[name] = (summary.state.task_names, summary.state.accuracy)
+        hashes[name] = summary.state.data_hashes
         eval_rows = eval_rows_per_task(summary.run_dir, summary.state, cfg.eval.max_rows)
         rows[-1]["test_rows"] = eval_rows
     table = comparison_report([{k: v for k, v in r.items() if k != "test_rows"} for r in rows], matrices, eval_rows)
     storage = Path(next(iter(configs.values())).storage.path).expanduser().resolve()
-    payload = [{**r, "accuracy": matrices[r["strategy"]][1], "tasks": matrices[r["strategy"]][0]} for r in rows]
+    payload = [{**r, "accuracy": matrices[r["strategy"]][1], "tasks": matrices[r["strategy"]][0],
+                "data_hashes": hashes[r["strategy"]]} for r in rows]
     atomic_write_bytes(storage / f"compare-{spec_path.stem}.md", (table + "\n").encode())
     atomic_write_bytes(storage / f"compare-{spec_path.stem}.json", json.dumps(payload, indent=2).encode())
     return rows, table

@@ -29,5 +29,6 @@ def test_compare_prints_both_matrices_alphas_and_rows(tmp_path, capsys, ray_sess
     for row in payload:
         state = json.loads((storage / f"compare-{row['strategy']}" / "state.json").read_text())
         assert row["accuracy"] == state["accuracy"] and row["alphas"] == state["alphas"]
+        assert row["data_hashes"] == state["data_hashes"] == payload[0]["data_hashes"]
         assert row["test_rows"] == {"drug_sentiment": 8, "arithmetic": 8} and row["tasks"] == state["task_names"]
     assert payload[1]["alphas"] == [1.0, 1.0] and payload[0]["alphas"][0] == 1.0
