@@ -180,3 +180,36 @@ def test_format_mismatch_and_bad_entries(tmp_path) -> None:
         load_sources([{"name": "n", "path": str(path), "train": str(path)}])
     with pytest.raises(TaskDataError, match=r"tasks.files\[1\]: duplicate task name 'n'"):
         load_sources([{"name": "n", "path": str(path)}, {"name": "n", "path": str(path)}])
+
+
+def test_bbni_suite_builds_deterministically_from_the_archive(tmp_path, monkeypatch) -> None:
+    """The bbni builder over a fixture archive with the suite's member names: same hashes twice,
+    the cache is reused, and the sizes of the quick variant hold."""
+    from pm_ray.data.bbni import BBNI_TASKS, CANDIDATES, SIZES
+    from pm_ray.data.suites import build_suite
+
+    members = {}
+    for name in BBNI_TASKS:
+        member = CANDIDATES[name]["path"].removeprefix("bigbench:")
+        if "natural_instructions" in member:
+            data = bigbench_gen(400)
+            data["task_prefix"] = f"Definition: long {name}. Prompt: Answer {name}."
+        else:
+            data = bigbench_mc(400)
+        members[member] = data
+    cache = tmp_path / "cache"
+    (cache / "archives").mkdir(parents=True)
+    write_archive(cache / "archives" / bigbench.ARCHIVE_NAME, members)
+    monkeypatch.setenv("PM_RAY_CACHE", str(cache))
+    first = build_suite("bbni", variant="quick", cache_dir=tmp_path / "a")
+    second = build_suite("bbni", variant="quick", cache_dir=tmp_path / "b")
+    manifests = [json.loads((tmp_path / d / "bbni-quick-seed0" / "manifest.json").read_text()) for d in "ab"]
+    assert manifests[0]["tasks"] == manifests[1]["tasks"]
+    assert [t.name for t in first] == list(BBNI_TASKS)
+    for a, b in zip(first, second):
+        assert a.train.equals(b.train) and a.test.equals(b.test)
+        assert (a.train.num_rows, a.test.num_rows) == SIZES["quick"]
+    assert first[1].test.to_pylist()[0]["instruction"] == "Answer qasc_answer."  # the NI Prompt: line
+    listed = build_suite("bbni", variant="quick", cache_dir=tmp_path / "a", choices_in_prompt="hide")
+    assert "choice:" in first[0].test.to_pylist()[0]["input"] and "choice:" not in listed[0].test.to_pylist()[0]["input"]
+    assert (tmp_path / "a" / "bbni-quick-seed0-choices-hide" / "manifest.json").exists()
