@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 
-from pm_ray.pipeline import ProgressPrinter
+from pm_ray.progress import ProgressPrinter
 from pm_ray.rundir import RunDir
 from pm_ray.train.checkpoints import write_progress
 
