@@ -200,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # d. Fisher shards from every rank, then the merge on rank 0
         progress.phase("merge")
-        client.add_fisher(t, fisher)
+        client.add_fisher(t, fisher, rank)
         barrier()
         merge_info: dict[str, Any] = {}
         delta = None
