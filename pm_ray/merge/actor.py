@@ -38,7 +38,7 @@ class MergeShard:
         self.shard, self.num_shards = shard, num_shards
         self.stats_dir = Path(stats_dir)
         self.strategy: MergeStrategy = build_strategy(strategy, **self.options)
-        self.fisher: FisherShard | None = None
+        self.fisher: dict[int, FisherShard] = {}  # by data-parallel rank, summed in rank order
         self.fisher_task = 0
 
     def sync(self, completed: int, state_file: str | None) -> int:
@@ -49,22 +49,23 @@ class MergeShard:
                 if state_file is None:
                     raise ValueError(f"merge shard {self.shard}: {completed} tasks completed but no state file recorded")
                 self.strategy.load(state_file)
-        self.fisher, self.fisher_task = None, 0
+        self.fisher, self.fisher_task = {}, 0
         return self.strategy.num_tasks
 
-    def add_fisher(self, task: int, sums: TensorDict, count: int) -> None:
-        shard = FisherShard(sums=sums, count=count)
-        if self.fisher is None or self.fisher_task != task:
-            self.fisher, self.fisher_task = shard, task
-        else:
-            self.fisher = self.fisher.merge(shard)
+    def add_fisher(self, task: int, sums: TensorDict, count: int, rank: int = 0) -> None:
+        """Rank `rank`'s Fisher sums for `task`. They are added in rank order when the task is merged,
+        not in arrival order: float addition of three or more shards depends on the order, and the
+        arrival order varies from run to run."""
+        if self.fisher_task != task:
+            self.fisher, self.fisher_task = {}, task
+        self.fisher[rank] = FisherShard(sums=sums, count=count)
 
     def _update(self, task: int, delta: TensorDict, extras: dict[str, Any] | None = None) -> TaskUpdate:
         fisher = None
         if self.strategy.needs_fisher:
-            if self.fisher is None or self.fisher_task != task:
+            if not self.fisher or self.fisher_task != task:
                 raise ValueError(f"merge shard {self.shard}: no Fisher received for task {task}")
-            fisher = self.fisher.mean()
+            fisher = FisherShard.reduce(self.fisher[r] for r in sorted(self.fisher)).mean()
         return TaskUpdate(task=task, delta=delta, fisher=fisher, extras=extras or {})
 
     def partials(self, task: int, delta: TensorDict) -> dict[str, tuple[float, float]]:
@@ -118,9 +119,9 @@ class MergeClient:
             raise ValueError(f"state.json records {len(files)} merge shard files but merge.shards={self.num_shards}")
         ray.get([h.sync.remote(completed, f) for h, f in zip(self.handles, files)])
 
-    def add_fisher(self, task: int, fisher: FisherShard) -> None:
+    def add_fisher(self, task: int, fisher: FisherShard, rank: int = 0) -> None:
         parts = self._split(fisher.sums)
-        ray.get([h.add_fisher.remote(task, part, fisher.count) for h, part in zip(self.handles, parts)])
+        ray.get([h.add_fisher.remote(task, part, fisher.count, rank) for h, part in zip(self.handles, parts)])
 
     def alpha(self, task: int, delta: TensorDict) -> Alpha:
         """P&M's α_t for this task from all shards' partials (phase one), without merging."""

@@ -64,12 +64,96 @@ def prune_stats(run: RunDir, state: RunState) -> None:
             path.unlink(missing_ok=True)
 
 
-def write_progress(run: RunDir, task: int, num_tasks: int, name: str, step: int, steps: int, loss: float, t_start: float) -> None:
+WARMUP_STEPS = 1  # the first step of a task also pays for the adapter, the engine and first-call costs
+
+PHASES = ("training", "fisher", "merge", "evaluation")
+
+
+def write_progress(run: RunDir, task: int, num_tasks: int, name: str, step: int, steps: int, loss: float, t_start: float,
+                   *, phase: str = "training", done: int | None = None, total: int | None = None,
+                   steady_s: float | None = None, steady_steps: int = 0) -> None:
+    """progress.json: where rank 0 is (task, phase and its progress done/total, training step, loss) and
+    the time since the task started; steady_s is the training time after the warm-up steps, over
+    steady_steps steps (what the driver's ETA extrapolates from)."""
     elapsed = time.time() - t_start
     write_json(run.path / "progress.json", {
-        "task": task, "num_tasks": num_tasks, "name": name, "step": step, "steps": steps, "loss": loss,
-        "task_elapsed_s": elapsed, "time": time.time(), "pid": os.getpid(),
+        "task": task, "num_tasks": num_tasks, "name": name, "phase": phase,
+        "done": step if done is None else done, "total": steps if total is None else total,
+        "step": step, "steps": steps, "loss": loss,
+        "task_elapsed_s": elapsed, "steady_s": steady_s, "steady_steps": steady_steps, "time": time.time(), "pid": os.getpid(),
     })
+
+
+def fisher_batch_count(num_rows: int, num_samples: int, batch_size: int, world_size: int) -> int:
+    """Batches rank 0 sees in data.tokenize.fisher_batches (it holds the largest round-robin share)."""
+    mine = -(-min(num_samples, num_rows) // world_size)
+    return -(-mine // batch_size)
+
+
+class TaskProgress:
+    """Rank 0's progress.json for one task, and its phase timings for state.json's diagnostics
+    (step_s: mean steady-state training step, i.e. after the warm-up steps; fisher_s, merge_s,
+    eval_s: wall time of each phase). Writes nothing on other ranks."""
+
+    TIMING_KEYS = {"fisher": "fisher_s", "merge": "merge_s", "evaluation": "eval_s"}
+
+    def __init__(self, run: RunDir, task: int, num_tasks: int, name: str, steps: int, enabled: bool = True) -> None:
+        self.run, self.task, self.num_tasks, self.name, self.steps, self.enabled = run, task, num_tasks, name, steps, enabled
+        self.t_start = time.time()
+        self.t_steady: float | None = None
+        self.step_done, self.loss = 0, float("nan")
+        self.steady: tuple[float | None, int] = (None, 0)
+        self.phase_name, self.phase_start = "training", self.t_start
+        self.timings: dict[str, float] = {}
+
+    def _write(self, done: int, total: int) -> None:
+        if self.enabled:
+            steady_s, steady_steps = self.steady
+            write_progress(self.run, self.task, self.num_tasks, self.name, self.step_done, self.steps, self.loss, self.t_start,
+                           phase=self.phase_name, done=done, total=total, steady_s=steady_s, steady_steps=steady_steps)
+
+    def step(self, step: int, loss: float, write: bool) -> None:
+        """After training step `step` (1-based); the steady-state clock starts after the warm-up."""
+        now = time.time()
+        self.step_done, self.loss = step, loss
+        if step == WARMUP_STEPS:
+            self.t_steady = now
+        elif self.t_steady is not None and step > WARMUP_STEPS:
+            self.steady = (now - self.t_steady, step - WARMUP_STEPS)
+        if write:
+            self._write(step, self.steps)
+
+    def _close_phase(self, now: float) -> None:
+        if self.phase_name == "training":
+            steady_s, n = self.steady
+            if steady_s is not None and n:
+                self.timings["step_s"] = steady_s / n
+        elif self.phase_name in self.TIMING_KEYS:
+            key = self.TIMING_KEYS[self.phase_name]
+            self.timings[key] = self.timings.get(key, 0.0) + now - self.phase_start
+
+    def phase(self, name: str, done: int = 0, total: int = 1) -> None:
+        """Enter phase `name` (one of PHASES); the previous phase's time goes to the timings."""
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; expected one of {PHASES}")
+        now = time.time()
+        self._close_phase(now)
+        self.phase_name, self.phase_start = name, now
+        self._write(done, total)
+
+    def iterate(self, name: str, items: Any, total: int) -> Any:
+        """Yield from `items` inside phase `name`, writing done/total before each item."""
+        self.phase(name, 0, total)
+        for i, item in enumerate(items):
+            if i:
+                self._write(i, total)
+            yield item
+
+    def finish(self) -> dict[str, float]:
+        """Close the last phase; returns the timings (for state.json's diagnostics)."""
+        self._close_phase(time.time())
+        self.phase_name = "done"
+        return dict(self.timings)
 
 
 def report(metrics: dict[str, Any], checkpoint_dir: str | None, in_ray_train: bool) -> None:

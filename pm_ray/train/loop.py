@@ -149,6 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if t <= state.completed:
             continue
         t_start = time.time()
+        progress = checkpoints.TaskProgress(run, t, len(tasks), task.name, cfg.trainer.steps_per_task, enabled=rank == 0)
         # a. + b. θ_start, then a fresh LoRA_t on top of it
         model = new_adapter(model, cfg, t, adapter)
         adapter = f"task{t}"
@@ -180,8 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise NonFiniteLoss(f"task {t} ({task.name}): loss is {mean_loss} at step {step}; the task was stopped and "
                                     f"the run keeps the last committed state (task {t - 1})")
             losses.append(mean_loss)
-            if rank == 0 and (step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps_per_task - 1):
-                checkpoints.write_progress(run, t, len(tasks), task.name, step + 1, cfg.trainer.steps_per_task, mean_loss, t_start)
+            progress.step(step + 1, mean_loss, write=step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps_per_task - 1)
         n = min(cfg.diagnostics.first_steps, len(losses))
         if n:
             diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
@@ -193,12 +193,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             p.requires_grad_(False)
         fisher = diagonal_fisher(model, (
             {k: v.to(device) for k, v in b.items()}
-            for b in fisher_batches(task, tokenizer, num_samples=cfg.fisher.num_samples, batch_size=cfg.fisher.batch_size,
-                                    max_length=cfg.trainer.max_length, rank=rank, world_size=world_size)
+            for b in progress.iterate("fisher", fisher_batches(task, tokenizer, num_samples=cfg.fisher.num_samples, batch_size=cfg.fisher.batch_size,
+                                                               max_length=cfg.trainer.max_length, rank=rank, world_size=world_size),
+                                      checkpoints.fisher_batch_count(task.train.num_rows, cfg.fisher.num_samples, cfg.fisher.batch_size, world_size))
         ), kind="causal_lm" if task.kind == "instruction" else "classification", adapter_name=adapter)
 
         # d. Fisher shards from every rank, then the merge on rank 0
-        client.add_fisher(t, fisher)
+        progress.phase("merge")
+        client.add_fisher(t, fisher, rank)
         barrier()
         merge_info: dict[str, Any] = {}
         delta = None
@@ -220,7 +222,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 evaluate_task(model, tokenizer, tasks[i], batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                               max_rows=cfg.eval.max_rows, rank=rank, world_size=world_size,
                               all_reduce=all_reduce_sum, max_length=cfg.trainer.max_length)["score"]
-                for i in range(t)
+                for i in progress.iterate("evaluation", range(t), t)
             ]
         set_adapted_weights(model, w0, start_next)
 
@@ -229,7 +231,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.completed = t
             state.alphas.append(merge_info["alpha"])
             state.accuracy.append(row)
-            state.diagnostics.append({"task": t, **diag, "task_s": time.time() - t_start, "final_loss": losses[-1]})
+            state.diagnostics.append({"task": t, **diag, **progress.finish(), "task_s": time.time() - t_start, "final_loss": losses[-1]})
             state.stats_files = merge_info["state_files"]
             state.wall_s += time.time() - t_start
             checkpoints.write_merged(run, state, merged, merge_info["is_line"], tasks)

@@ -106,3 +106,17 @@ def test_mlflow_store_read_back(runs) -> None:
     assert alphas == pytest.approx(state["alphas"])
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "state.json" in artifacts and "plots" in artifacts
+
+
+def test_a_rerun_is_bit_identical(runs, tmp_path) -> None:
+    """Same config, same machine: the α's, the accuracy matrix and the merged delta are identical
+    bit for bit (docs/pipeline.md, Reproducibility), here under DeepSpeed ZeRO-2 on 2 workers."""
+    cfg = tiny_config(tmp_path, trainer={"engine": "deepspeed", "num_workers": 2, "zero_stage": 2})
+    again = run_continual(config_from_dict(cfg), config_stem="deepspeed", quiet=True)
+    first = json.loads((runs["deepspeed"].run_dir / "state.json").read_text())
+    second = json.loads((again.run_dir / "state.json").read_text())
+    assert second["alphas"] == first["alphas"] and second["accuracy"] == first["accuracy"]
+    assert [d["final_loss"] for d in second["diagnostics"]] == [d["final_loss"] for d in first["diagnostics"]]
+    a = load_file(str(runs["deepspeed"].run_dir / "merged" / "delta.safetensors"))
+    b = load_file(str(again.run_dir / "merged" / "delta.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
