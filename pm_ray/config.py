@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,19 @@ class MergeSection(Section):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown strategy {value!r}{hint}; expected one of {names}")
         return value
+
+    @model_validator(mode="after")
+    def _options(self) -> MergeSection:
+        """``options`` against the strategy's typed Options (names, types, bounds), at load time."""
+        from pm_ray.core.strategies import StrategyOptionError, check_options
+
+        try:
+            check_options(self.strategy, self.options)
+        except StrategyOptionError as err:
+            key, text = err.problems[0]
+            where = f"merge.options.{key}" if key else "merge.options"
+            raise PydanticCustomError("strategy_option", "{where}: {text}", {"where": where, "text": text}) from None
+        return self
 
 
 class FisherSection(Section):
@@ -223,7 +237,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "strategy_option":  # the message names the merge.options key itself
+            lines.append(f"{source}: {e['msg']}")
+        elif e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(f"{source}: unknown config key {loc!r}{hint}")

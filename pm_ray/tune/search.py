@@ -303,13 +303,27 @@ def check_space(search: SearchSection, base: RunConfig, source: str) -> None:
         if (key in RESOURCE_KEYS or any(r.startswith(key + ".") for r in RESOURCE_KEYS)) and not dist.discrete:
             raise ConfigError(f"{where}: {dist.kind} over a resource field; use grid or choice so that every "
                               "trial's resources can be checked against the cluster")
-        for value in dist.probe_values():
-            data = copy.deepcopy(base_data)
+        for context, value in _probes(search, base_data, key, dist):
+            data = copy.deepcopy(context)
             set_key(data, key, value)
             try:
                 config_from_dict(data, f"{where} value {value!r}")
             except ConfigError as err:
                 raise ConfigError(f"{err}\n{where}: {dist.describe()} produces invalid values for {key}") from None
+
+
+def _probes(search: SearchSection, base_data: dict[str, Any], key: str, dist: Distribution) -> list[tuple[dict[str, Any], Any]]:
+    """(config, value) pairs to validate. A ``merge.options.<key>`` is checked against the typed
+    options of every strategy a trial can get (each searched ``merge.strategy`` value)."""
+    contexts = [base_data]
+    strategies = search.space.get("merge.strategy")
+    if key.startswith("merge.options.") and strategies is not None and strategies.discrete:
+        contexts = []
+        for name in strategies.args:
+            context = copy.deepcopy(base_data)
+            set_key(context, "merge.strategy", name)
+            contexts.append(context)
+    return [(context, value) for context in contexts for value in dist.probe_values()]
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:

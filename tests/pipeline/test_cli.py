@@ -82,3 +82,23 @@ def test_resume_with_a_different_config_is_refused(tmp_path, storage, capsys, ra
     assert code == 0, err
     code, err = run_cli(["run", str(config), "--quiet", "trainer.lr=0.1"], capsys)
     assert code == 2 and "trainer.lr" in err and "different config" in err
+
+
+def test_misspelt_strategy_option_fails_before_anything_is_written(tmp_path) -> None:
+    """The quickstart with a typo in merge.options: exit 2, one line naming the key and the fix,
+    no storage directory (the old behaviour started Ray and failed inside the workers)."""
+    import os
+    import subprocess
+    import sys
+
+    storage = tmp_path / "runs"
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "pm_ray.cli", "run", "jobs/quickstart.yaml", "merge.strategy=magmax",
+                           "merge.options={lamda: 0.5}", f"storage.path={storage}"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "merge.options.lamda" in lines[0] and "did you mean 'lam'" in lines[0]
+    assert not storage.exists()

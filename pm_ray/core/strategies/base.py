@@ -14,8 +14,6 @@ add them across shards before dividing (two-phase solve); elementwise strategies
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from pm_ray.core.coefficient import Alpha, Partials
+from pm_ray.core.strategies.options import StrategyOptions, validate_options
 from pm_ray.core.tensors import (
     TensorDict,
     check_finite,
@@ -53,13 +52,19 @@ class MergeResult:
 
 
 class MergeStrategy(ABC):
-    """Base class; subclasses set ``name`` and implement :meth:`_merge`."""
+    """Base class; subclasses set ``name`` and ``Options`` and implement :meth:`_merge`.
+
+    What a strategy is, for the code around it, is said by class-level flags (never by its name):
+    ``train_from`` where task t+1 starts, ``needs_fisher`` whether the merge needs F_t.
+    """
 
     name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     train_from: ClassVar[str] = "merged"  # "merged" | "expert"
     needs_fisher: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
+        self.options = validate_options(self.name, self.Options, options)
         self.merged: TensorDict = {}
         self.start: TensorDict = {}
         self.num_tasks = 0
@@ -125,32 +130,3 @@ class MergeStrategy(ABC):
         self.merged = split_prefixed(tensors, "merged")
         self.start = split_prefixed(tensors, "start")
         self.load_extra_state(tensors, meta)
-
-
-STRATEGIES: dict[str, type[MergeStrategy]] = {}
-
-
-def register(cls: type[MergeStrategy]) -> type[MergeStrategy]:
-    STRATEGIES[cls.name] = cls
-    return cls
-
-
-def available_strategies() -> list[str]:
-    return sorted(STRATEGIES)
-
-
-def build_strategy(name: str, **options: Any) -> MergeStrategy:
-    """Instantiate a registered strategy; unknown names or options suggest the closest valid one."""
-    if name not in STRATEGIES:
-        close = difflib.get_close_matches(name, STRATEGIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown merge strategy {name!r}{hint}; expected one of {available_strategies()}")
-    cls = STRATEGIES[name]
-    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in options:
-        if key not in params:
-            close = difflib.get_close_matches(key, params, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"merge strategy {name!r} has no option {key!r}{hint}; its options are {params}")
-    return cls(**options)
-

@@ -18,48 +18,50 @@ current merged model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pydantic import Field, model_validator
 
 from pm_ray.core.coefficient import Alpha
-from pm_ray.core.strategies.base import TaskUpdate, register
+from pm_ray.core.strategies.base import TaskUpdate
 from pm_ray.core.strategies.line import PerturbAndMerge
 from pm_ray.core.tensors import TensorDict, check_finite, check_same_layout
 from pm_ray.core.trm import TRMSettings, expert_coefficient, layer_groups
 
 
-@register
 class TrajectoryRegularisedMerge(PerturbAndMerge):
     """P&M's accumulator and fallback, with the merged delta taken from the workers when given.
 
-    The TRM options (``settings``) are not used by the merge itself: the pipeline reads them to
-    record the snapshots and drive :func:`pm_ray.core.trm.optimize_coefficients` on the workers.
+    The TRM options beyond P&M's are not used by the merge itself: the workers read them
+    (``settings``) to record the snapshots and drive :func:`pm_ray.core.trm.optimize_coefficients`.
     """
 
     name = "trm"
     needs_fisher = True
 
-    def __init__(
-        self,
-        per_module: bool = False,
-        clip: bool = True,
-        snapshots: int = 4,
-        steps: int = 30,
-        lr: float = 0.05,
-        align_weight: float = 1.0,
-        consistency_weight: float = 1.0,
-        responsiveness_weight: float = 0.1,
-        per_group: bool = False,
-    ) -> None:
-        super().__init__(per_module=per_module, clip=clip)
-        self.settings = TRMSettings(
-            snapshots=snapshots,
-            steps=steps,
-            lr=lr,
-            align_weight=align_weight,
-            consistency_weight=consistency_weight,
-            responsiveness_weight=responsiveness_weight,
-            per_group=per_group,
-        )
+    class Options(PerturbAndMerge.Options):
+        snapshots: int = Field(4, ge=1)  # K: LoRA_t recorded after ⌊i·steps/K⌋ steps, i = 1..K
+        steps: int = Field(30, ge=0)  # Adam steps on c
+        lr: float = Field(0.05, gt=0)
+        align_weight: float = Field(1.0, ge=0)
+        consistency_weight: float = Field(1.0, ge=0)
+        responsiveness_weight: float = Field(0.1, ge=0)
+        per_group: bool = False  # one c per transformer layer instead of one global c
+
+        @model_validator(mode="after")
+        def _settings(self) -> TrajectoryRegularisedMerge.Options:
+            TRMSettings(**self.settings_kwargs())  # e.g. all objective weights 0
+            return self
+
+        def settings_kwargs(self) -> dict[str, Any]:
+            return self.model_dump(exclude={"per_module", "clip"})
+
+    options: Options
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.settings = TRMSettings(**self.options.settings_kwargs())
 
     def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, Alpha | None]:
         if "merged" not in update.extras:
