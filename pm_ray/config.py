@@ -183,6 +183,19 @@ class RunConfig(Section):
     tracking: TrackingSection = TrackingSection()
     ray: RaySection = RaySection()
 
+    @model_validator(mode="after")
+    def _strategy_fits_training(self) -> RunConfig:
+        """What the workers would check: e.g. TRM's K snapshots must fit in trainer.steps_per_task."""
+        from pm_ray.core.strategies import build_strategy
+
+        steps = self.trainer.steps_per_task
+        try:
+            build_strategy(self.merge.strategy, **self.merge.options).record_steps(steps)
+        except ValueError as err:
+            raise PydanticCustomError("strategy_option", "{text}", {
+                "text": f"trainer.steps_per_task={steps} does not fit merge strategy {self.merge.strategy!r}: {err}"}) from None
+        return self
+
     def run_name(self, default_stem: str = "run") -> str:
         return self.storage.run_name or f"{self.merge.strategy}-{default_stem}"
 

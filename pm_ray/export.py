@@ -17,8 +17,7 @@ from pm_ray.rundir import RunDir
 
 
 def load_merged_model(run_dir: Path) -> tuple[Any, Any, RunDir]:
-    from pm_ray.models.backbone import load_backbone
-    from pm_ray.train.loop import DTYPES
+    from pm_ray.models.backbone import DTYPES, load_backbone
 
     run = RunDir(run_dir)
     state = run.read_state()
@@ -54,11 +53,10 @@ def export_run(run_dir: Path, out: Path) -> Path:
 
 def evaluate_run(run_dir: Path, *, max_rows: int | None = None) -> dict[str, Any]:
     from pm_ray.eval import evaluate_task
-    from pm_ray.train.loop import load_tasks
 
     model, tokenizer, run = load_merged_model(run_dir)
     cfg, state = run.read_config(), run.read_state()
-    tasks = load_tasks(run, state)
+    tasks = run.load_tasks(state)
     rows = max_rows if max_rows is not None else cfg.eval.max_rows
     return {
         task.name: evaluate_task(model, tokenizer, task, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,

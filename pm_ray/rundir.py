@@ -101,6 +101,17 @@ class RunDir:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
+    def load_tasks(self, state: RunState) -> list[Any]:
+        """The run's own copy of its task stream (data/<i>-<name>/, written when it was created)."""
+        from pm_ray.data.readers import load_task
+
+        tasks = []
+        for i, name in enumerate(state.task_names, start=1):
+            d = self.data_dir(i, name)
+            meta = read_json(d / "task.json")
+            tasks.append(load_task(name, meta["kind"], d / "train.parquet", d / "test.parquet"))
+        return tasks
+
     # state
     def read_state(self) -> RunState:
         if not self.state_path.is_file():

@@ -57,6 +57,8 @@ def test_bad_overrides() -> None:
     (["merge.strategy=fixed", "merge.options.alpha=1.5"], "merge.options.alpha: fixed: alpha=1.5 is outside [0, 1]"),
     (["merge.strategy=trm", "merge.options.snapshots=0"], "merge.options.snapshots: trm: snapshots=0 must be an int >= 1"),
     (["merge.strategy=pm", "merge.options.per_module=maybe"], "merge.options.per_module: pm: per_module='maybe'"),
+    (["merge.strategy=trm", "merge.options.snapshots=8", "trainer.steps_per_task=5"],
+     "trainer.steps_per_task=5 does not fit merge strategy 'trm': trm records LoRA_t after each of merge.options.snapshots=8"),
 ])
 def test_strategy_options_checked_at_load(overrides, needle) -> None:
     with pytest.raises(ConfigError) as err:

@@ -41,11 +41,12 @@ def save_adapter(model: Any, adapter: str, target: Path) -> None:
         raise
 
 
-def write_merged(run: RunDir, state: RunState, merged: dict[str, torch.Tensor], is_line: bool, tasks: list[Any]) -> None:
-    """merged/delta.safetensors (θ̂ − W0), and for α-merges the equivalent stack Σ α_i Δ_i."""
+def write_merged(run: RunDir, state: RunState, merged: dict[str, torch.Tensor], keeps_adapter_stack: bool, tasks: list[Any]) -> None:
+    """merged/delta.safetensors (θ̂ − W0), and for α-merges (keeps_adapter_stack) the equivalent
+    stack Σ α_i Δ_i."""
     save_tensors(run.merged_dir / "delta.safetensors", merged, {"kind": "merged_delta", "task": state.completed, "strategy": state.strategy})
     stack_path = run.merged_dir / "stack.json"
-    if is_line:
+    if keeps_adapter_stack:
         stack = [
             {"task": i, "name": tasks[i - 1].name, "alpha": state.alphas[i - 1],
              "adapter": str(run.task_dir(i, tasks[i - 1].name).relative_to(run.path) / "adapter")}

@@ -13,10 +13,9 @@ from __future__ import annotations
 import zlib
 
 import torch
-
-from pm_ray.core.coefficient import Alpha
 from pydantic import Field
 
+from pm_ray.core.coefficient import Alpha
 from pm_ray.core.strategies.base import TaskUpdate
 from pm_ray.core.strategies.expert_chain import ExpertChain
 from pm_ray.core.strategies.options import StrategyOptions

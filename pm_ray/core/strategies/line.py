@@ -20,6 +20,8 @@ from pm_ray.core.tensors import TensorDict, split_prefixed, with_prefix
 
 
 class LineMerge(MergeStrategy):
+    keeps_adapter_stack = True
+
     def coefficient(self, update: TaskUpdate) -> Alpha:
         raise NotImplementedError
 
@@ -75,6 +77,7 @@ class PerturbAndMerge(LineMerge):
 
     name = "pm"
     needs_fisher = True
+    solves_line_alpha = True
 
     class Options(StrategyOptions):
         per_module: bool = False  # one α per adapted module instead of one global α
@@ -91,8 +94,16 @@ class PerturbAndMerge(LineMerge):
         assert update.fisher is not None
         return self.accumulator.partials(update.delta, update.fisher, self.previous(update))
 
+    @property
+    def global_alpha(self) -> bool:
+        """One α for all modules: a sharded merge solves it from every shard's partials first."""
+        return not self.options.per_module
+
+    def solve_alpha(self, partials: Partials) -> Alpha:
+        return alpha_from_partials(partials, per_module=self.options.per_module, clip=self.options.clip)
+
     def coefficient(self, update: TaskUpdate) -> Alpha:
-        return alpha_from_partials(self.partials(update), per_module=self.options.per_module, clip=self.options.clip)
+        return self.solve_alpha(self.partials(update))
 
     def _after_merge(self, update: TaskUpdate, merged_prev: TensorDict) -> None:
         assert update.fisher is not None

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from pm_ray.core.coefficient import Alpha
 from pydantic import Field
 
+from pm_ray.core.coefficient import Alpha
 from pm_ray.core.strategies.base import TaskUpdate
 from pm_ray.core.strategies.expert_chain import ExpertChain
 from pm_ray.core.strategies.options import StrategyOptions
