@@ -19,6 +19,7 @@ from typing import Any
 from pm_ray.config import ConfigError, load_config, read_yaml_mapping
 from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.pipeline import run_continual
+from pm_ray.preflight import check_run
 
 
 def load_spec(path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
@@ -51,6 +52,7 @@ def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False
     for name, entry in strategies.items():  # validate every entry before the first run starts
         extra = [f"{key}={json.dumps(value)}" for key, value in entry.items()]
         configs[name] = load_config(base, [*overrides, *extra, f"storage.run_name=compare-{name}"])
+        check_run(configs[name])
     rows = []
     for name, cfg in configs.items():
         summary = run_continual(cfg, config_stem=name, quiet=quiet)

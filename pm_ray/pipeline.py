@@ -60,23 +60,6 @@ def _resolve_tasks(cfg: RunConfig, cache_dir: Path) -> list[Any]:
     return tasks
 
 
-def _check_model(cfg: RunConfig) -> None:
-    """Fail fast (exit 2) on a model reference that cannot resolve, without loading weights."""
-    from pm_ray.models.backbone import BackboneError, bundled_model_dir
-
-    ref = cfg.model.name_or_path
-    try:
-        if ref.startswith("bundled:"):
-            bundled_model_dir(ref[len("bundled:"):])
-        elif ref.startswith("tiny:"):
-            if ref not in ("tiny:llama", "tiny:bert"):
-                raise BackboneError(f"unknown tiny model {ref!r}; expected tiny:llama or tiny:bert")
-        elif ref.startswith((".", "/", "~")) and not Path(ref).expanduser().is_dir():
-            raise BackboneError(f"model path {ref!r} does not exist")
-    except BackboneError as err:
-        raise ConfigError(f"model.name_or_path: {err}") from None
-
-
 def _write_task_data(root: Path, index: int, task: Any) -> str:
     import pyarrow.parquet as pq
 
@@ -91,6 +74,8 @@ def _write_task_data(root: Path, index: int, task: Any) -> str:
 
 def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
     """Create the run directory (atomically) or check that an existing one can be resumed."""
+    from pm_ray import preflight
+
     storage = Path(cfg.storage.path).expanduser().resolve()
     run = RunDir(storage / run_name)
     if run.exists():
@@ -98,11 +83,12 @@ def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
         return run
     if run.path.exists() and any(run.path.iterdir()):
         raise ConfigError(f"{run.path}: exists but is not a pm-ray run directory (no state.json); choose another storage.run_name")
-    _check_model(cfg)
-    storage.mkdir(parents=True, exist_ok=True)
+    preflight.check_run(cfg)
+    preflight.make_storage(storage)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_name}.", dir=storage))
     try:
         tasks = _resolve_tasks(cfg, storage / ".cache")
+        preflight.check_tasks(cfg, tasks)
         hashes = {f"{i}-{t.name}": _write_task_data(tmp, i, t) for i, t in enumerate(tasks, start=1)}
         staged = RunDir(tmp)
         staged.write_config(cfg)

@@ -30,6 +30,7 @@ import yaml
 from pm_ray.config import ConfigError, RunConfig, config_from_dict, dump_config
 from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.pipeline import RunFailed, init_ray
+from pm_ray.preflight import check_run
 from pm_ray.rundir import config_fingerprint
 from pm_ray.tune.search import SearchSection, TrialDemand, TuneSpec, plain, plan_concurrency, trial_demand
 from pm_ray.tune.trainable import run_trial, trial_dirname
@@ -170,6 +171,7 @@ def run_tune(spec: TuneSpec, *, quiet: bool = False, retry_errored: bool = False
 
     out = stream if stream is not None else sys.stdout
     started = time.time()
+    check_run(spec.base)  # model, LoRA targets, storage.path, DeepSpeed config: before Ray starts
     exp_dir = spec.experiment_dir
     spec_path = exp_dir / SPEC_FILE
     if spec_path.is_file():
