@@ -26,6 +26,7 @@ from pm_ray.config import RunConfig
 from pm_ray.core.fisher import diagonal_fisher
 from pm_ray.core.lora import LoraFactors, base_weight, lora_factors, lora_layers, task_vector
 from pm_ray.core.perturbation import Perturbation
+from pm_ray import interrupt
 from pm_ray.core.strategies import build_strategy
 from pm_ray.data.tokenize import batch_iterator, fisher_batches
 from pm_ray.eval import evaluate_task
@@ -108,6 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         snapshots: list[dict[str, LoraFactors]] = []  # LoRA_t's trajectory, for a worker step
         diag: dict[str, Any] = {}
         for step in range(cfg.trainer.steps_per_task):
+            interrupt.check()  # Ctrl-C / SIGTERM of an in-process run (engine=single)
             batch = {k: v.to(device) for k, v in next(batches).items()}
             with perturbation.apply(model, rank=rank, step=step, adapter_name=adapter):
                 loss = engine.forward_loss(batch)
