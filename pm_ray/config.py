@@ -222,26 +222,33 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted config key (``trainer.lr``, ``merge.options.lam``) in a config mapping, creating
+    missing sections; an unknown key suggests the closest valid one. The one setter behind
+    ``key=value`` overrides and tuning search spaces (``value`` is set as is)."""
     valid = _valid_keys(RunConfig)
+    if key not in valid and not any(key.startswith(v + ".") for v in valid if v.endswith("options")):
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"override: unknown config key {key!r}{hint}")
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. merge.strategy=average)")
         key, _, raw = item.partition("=")
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
-            node = child
-        if key not in valid and not any(key.startswith(v + ".") for v in valid if v.endswith("options")):
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"override: unknown config key {key!r}{hint}")
-        node[parts[-1]] = parse_value(raw)
+        set_dotted(data, key.strip(), parse_value(raw))
     return data
 
 

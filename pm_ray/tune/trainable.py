@@ -63,7 +63,7 @@ def _committed(run: RunDir) -> RunState | None:
 def build_trial_config(base: dict[str, Any], params: dict[str, Any], runs_dir: str, run_name: str,
                        tracking: dict[str, str] | None) -> Any:
     from pm_ray.config import config_from_dict
-    from pm_ray.tune.search import set_key, trial_config_data
+    from pm_ray.tune.spec import set_key, trial_config_data
 
     data = trial_config_data(base, params)
     set_key(data, "storage.path", runs_dir)
