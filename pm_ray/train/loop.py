@@ -34,6 +34,7 @@ from pm_ray.merge.actor import MergeClient
 from pm_ray.models.backbone import DTYPES, load_backbone
 from pm_ray.models.lora import attach_lora
 from pm_ray.rundir import RunDir, write_json
+from pm_ray.tracking import task_tracker
 from pm_ray.train import checkpoints
 from pm_ray.train.engine import all_reduce_sum, barrier, build_engine, world
 from pm_ray.train.merge_step import merge_task
@@ -78,7 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         client.sync(state.completed, state.stats_files)  # drop any merge not committed in state.json
     barrier()
-    tracker = checkpoints.task_tracker(loop_config, cfg) if rank == 0 else None
+    tracker = task_tracker(loop_config, cfg) if rank == 0 else None
 
     model, tokenizer = load_backbone(cfg.model.name_or_path, kind=tasks[0].kind, dtype=DTYPES[cfg.model.dtype])
     model.to(device)

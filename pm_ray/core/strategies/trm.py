@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from pm_ray.core.coefficient import Alpha
+from pm_ray.core.coefficient import Alpha, alpha_stats
 from pm_ray.core.strategies.base import TaskUpdate, WorkerStep
 from pm_ray.core.strategies.line import PerturbAndMerge
 from pm_ray.core.tensors import TensorDict, check_finite, check_same_layout
@@ -101,8 +101,7 @@ class TrajectoryRegularisedMerge(PerturbAndMerge):
         merged = {key: value.cpu() for key, value in combine(directions, c, groups).items()}
         # per module when per_group: the merge client splits it by shard like the delta
         extras = {"merged": merged, "coefficients": c, "alpha": expert_coefficient(c, groups)}
-        alpha_pm = step.alpha if not isinstance(step.alpha, dict) else sum(step.alpha.values()) / len(step.alpha)
-        diag: dict[str, Any] = {"trm_alpha_pm": alpha_pm, "trm_coefficients": c.tolist()}
+        diag: dict[str, Any] = {"trm_alpha_pm": alpha_stats(step.alpha)[0], "trm_coefficients": c.tolist()}
         if log:
             diag.update({f"trm_{k}_start": v for k, v in log[0].items() if k != "step"})
             diag.update({f"trm_{k}_end": v for k, v in log[-1].items() if k != "step"})
