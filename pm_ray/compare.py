@@ -6,7 +6,8 @@
       pm: {merge.strategy: pm}
 
 Each entry is a separate run directory (``compare-<name>``), so an interrupted comparison resumes
-entry by entry. The table is printed and written to ``<storage>/compare-<spec stem>.{md,json}``.
+entry by entry. The table is printed and written to ``<storage>/compare-<spec stem>.{md,json}``, with a bar
+plot of final accuracy and forgetting per strategy (``.png``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def summary_row(name: str, state: Any) -> dict[str, Any]:
 
 
 def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False) -> tuple[list[dict[str, Any]], str]:
-    from pm_ray.report import format_comparison_table
+    from pm_ray.report import format_comparison_table, plot_comparison
 
     base, strategies = load_spec(spec_path)
     configs = {}
@@ -61,4 +62,5 @@ def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False
     storage = Path(next(iter(configs.values())).storage.path).expanduser().resolve()
     atomic_write_bytes(storage / f"compare-{spec_path.stem}.md", (table + "\n").encode())
     atomic_write_bytes(storage / f"compare-{spec_path.stem}.json", json.dumps(rows, indent=2).encode())
+    plot_comparison(rows, storage / f"compare-{spec_path.stem}.png")
     return rows, table

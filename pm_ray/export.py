@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from pm_ray.atomicdir import atomic_directory
 from pm_ray.core.lora import fold_delta
 from pm_ray.core.tensors import load_tensors
 from pm_ray.rundir import RunDir
@@ -37,17 +35,9 @@ def export_run(run_dir: Path, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: export directory exists and is not empty")
     model, tokenizer, _ = load_merged_model(run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pm_ray.atomicdir import atomic_directory
 from pm_ray.config import ConfigError, RunConfig
 from pm_ray.core.metrics import continual_metrics
 from pm_ray.interrupt import Interrupted, StopRequest, stop_on_signals
@@ -86,20 +85,13 @@ def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
         raise ConfigError(f"{run.path}: exists but is not a pm-ray run directory (no state.json); choose another storage.run_name")
     preflight.check_run(cfg)
     preflight.make_storage(storage)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_name}.", dir=storage))
-    try:
+    with atomic_directory(run.path) as tmp:
         tasks = _resolve_tasks(cfg, storage / ".cache")
         preflight.check_tasks(cfg, tasks)
         hashes = {f"{i}-{t.name}": _write_task_data(tmp, i, t) for i, t in enumerate(tasks, start=1)}
         staged = RunDir(tmp)
         staged.write_config(cfg)
         staged.write_state(RunState(run_name=run_name, strategy=cfg.merge.strategy, task_names=[t.name for t in tasks], data_hashes=hashes))
-        if run.path.exists():
-            run.path.rmdir()
-        os.replace(tmp, run.path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return run
 
 

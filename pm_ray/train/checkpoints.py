@@ -7,8 +7,6 @@ before state.json names the task as completed.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,28 +15,17 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from pm_ray.atomicdir import atomic_directory
 from pm_ray.core.tensors import save_tensors
 from pm_ray.rundir import RunDir, RunState, write_json
 
 
 def save_adapter(model: Any, adapter: str, target: Path) -> None:
     """A standard PEFT adapter directory (adapter_model.safetensors + adapter_config.json)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target, replace=True) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
         save_file(state, str(tmp / "adapter_model.safetensors"))
-        config = model.peft_config[adapter]
-        config.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        model.peft_config[adapter].save_pretrained(str(tmp))
 
 
 def write_merged(run: RunDir, state: RunState, merged: dict[str, torch.Tensor], keeps_adapter_stack: bool, tasks: list[Any]) -> None:
@@ -73,11 +60,12 @@ def write_progress(run: RunDir, task: int, num_tasks: int, name: str, step: int,
     })
 
 
-def report(metrics: dict[str, Any], checkpoint_dir: str | None, in_ray_train: bool) -> None:
-    """ray.train.report from every rank (a collective); rank 0 attaches the checkpoint."""
+def report(metrics: dict[str, Any], in_ray_train: bool) -> None:
+    """ray.train.report of the task's metrics from every rank (a collective). No Ray checkpoint:
+    the run directory (state.json and the merge state it names) is what a retry or a resume
+    starts from, so a copy in Ray's storage would never be read."""
     if not in_ray_train:
         return
     import ray.train
 
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    ray.train.report(metrics)

@@ -8,16 +8,13 @@ For each task t not yet committed in state.json, every worker
   d. sends the Fisher shard (all ranks) and the task vector Δ_t (rank 0) to the merge actors,
   e. loads the merged state back and folds it into the base weights,
   f. evaluates the merged model on every seen task (rows sharded across ranks, exact global sums),
-  g. commits the task (rank 0 writes state.json) and reports metrics and a checkpoint.
+  g. commits the task (rank 0 writes state.json) and reports its metrics to Ray Train.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +30,7 @@ from pm_ray.eval import evaluate_task
 from pm_ray.merge.actor import MergeClient
 from pm_ray.models.backbone import DTYPES, load_backbone
 from pm_ray.models.lora import attach_lora
-from pm_ray.rundir import RunDir, write_json
+from pm_ray.rundir import RunDir
 from pm_ray.tracking import task_tracker
 from pm_ray.train import checkpoints
 from pm_ray.train.engine import all_reduce_sum, barrier, build_engine, world
@@ -181,7 +178,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tracker.log_task(t, task.name, losses, merge_info["alpha"], row, state.diagnostics[-1])
         barrier()
         metrics = {"task": t, "loss": losses[-1], "mean_seen_accuracy": sum(row) / len(row)}
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                write_json(Path(tmp) / "state.json", json.loads(run.state_path.read_text()))
-            checkpoints.report(metrics, tmp if rank == 0 else None, loop_config.get("in_ray_train", True))
+        checkpoints.report(metrics, loop_config.get("in_ray_train", True))
