@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from pm_ray.config import ConfigError, load_config, read_yaml_mapping
 from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.pipeline import run_continual

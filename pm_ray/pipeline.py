@@ -181,9 +181,8 @@ def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], stop: StopReq
     if cfg.trainer.engine == "single" or cfg.trainer.num_workers == 1 and cfg.trainer.engine != "deepspeed":
         train_loop_per_worker({**loop_config, "in_ray_train": False})
         return
-    from ray.train import FailureConfig
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     class Trainer(TorchTrainer):

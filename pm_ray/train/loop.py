@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from pm_ray import interrupt
 from pm_ray.config import RunConfig
 from pm_ray.core.fisher import diagonal_fisher
 from pm_ray.core.lora import LoraFactors, base_weight, lora_factors, lora_layers, task_vector
 from pm_ray.core.perturbation import Perturbation
-from pm_ray import interrupt
 from pm_ray.core.strategies import build_strategy
 from pm_ray.data.tokenize import batch_iterator, fisher_batches
 from pm_ray.eval import evaluate_task

@@ -73,7 +73,7 @@ def test_pm_uses_the_closed_form(per_module: bool) -> None:
     results = run(build_strategy("pm", per_module=per_module), deltas, fishers)
     merged = {k: torch.zeros(s) for k, s in KEYS.items()}
     experts = []
-    for t, (d, f, r) in enumerate(zip(deltas, fishers, results), start=1):
+    for t, (d, _f, r) in enumerate(zip(deltas, fishers, results), start=1):
         experts.append({k: merged[k] + d[k] for k in KEYS})
         ref = optimal_alpha(d, merged, experts, fishers[:t], per_module=per_module)
         if per_module:

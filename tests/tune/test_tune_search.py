@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tinyconfig import tiny_config
 
 from pm_ray.config import ConfigError, load_config
 from pm_ray.tune.resources import plan_concurrency
 from pm_ray.tune.spec import load_tune_config, trial_config_data
+from tinyconfig import tiny_config
 
 
 def write(tmp_path: Path, search: dict, **sections: dict) -> Path:
