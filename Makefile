@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install assets data test test-fast demo compare clean-venv
+.PHONY: install assets data test test-fast lint demo compare clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+# ruff (pinned in the dev extra): the rule set and line length are in pyproject.toml [tool.ruff].
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pm_ray tests benchmarks
+	$(VENV)/bin/ruff format --check pm_ray tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

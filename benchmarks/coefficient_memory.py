@@ -38,7 +38,7 @@ def main() -> None:
     experts, fishers = [], []
     ref_s = acc_s = 0.0
     max_diff = 0.0
-    for t in range(1, args.tasks + 1):
+    for _ in range(1, args.tasks + 1):
         delta = {k: 0.01 * torch.randn(shape) for k in keys}
         fisher = {k: torch.rand(shape) ** 2 for k in keys}
         expert = {k: merged[k] + delta[k] for k in keys}

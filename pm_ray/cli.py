@@ -1,6 +1,7 @@
 """`pm-ray run | compare | eval | export | report` (and `tune`, when its module is present).
 
-Exit codes: 0 ok, 2 bad input (config, data, model path; nothing is written), 1 failure.
+Exit codes: 0 ok, 2 bad input (config, data, model path; nothing is written), 1 failure,
+130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (the last committed task is kept; rerun to resume).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pm_ray.config import ConfigError
     from pm_ray.data.schema import TaskDataError
+    from pm_ray.interrupt import Interrupted
     from pm_ray.pipeline import RunFailed
 
     parser = build_parser()
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TaskDataError, FileNotFoundError) as err:
         print(f"pm-ray: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Interrupted as err:
+        print(f"pm-ray: {err}", file=sys.stderr)
+        return err.exit_code
     except RunFailed as err:
         print(f"pm-ray: run failed: {err}", file=sys.stderr)
         return EXIT_FAILURE

@@ -8,7 +8,8 @@
 Each entry is a separate run directory (``compare-<name>``), so an interrupted comparison resumes
 entry by entry. The report (each strategy's accuracy matrix, then one table of ACC, AAA,
 forgetting, BWT and α per task, and the test rows behind every score) is printed and written to
-``<storage>/compare-<spec stem>.{md,json}``.
+``<storage>/compare-<spec stem>.{md,json}``, with a bar plot of final accuracy and forgetting per
+strategy (``.png``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from pm_ray.config import ConfigError, load_config, read_yaml_mapping
 from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.pipeline import run_continual
+from pm_ray.preflight import check_run
 
 
 def load_spec(path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
@@ -71,11 +72,14 @@ def comparison_report(rows: list[dict[str, Any]], matrices: dict[str, tuple[list
 
 
 def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False) -> tuple[list[dict[str, Any]], str]:
+    from pm_ray.report import plot_comparison
+
     base, strategies = load_spec(spec_path)
     configs = {}
     for name, entry in strategies.items():  # validate every entry before the first run starts
         extra = [f"{key}={json.dumps(value)}" for key, value in entry.items()]
         configs[name] = load_config(base, [*overrides, *extra, f"storage.run_name=compare-{name}"])
+        check_run(configs[name])
     rows: list[dict[str, Any]] = []
     matrices: dict[str, tuple[list[str], list[list[float]]]] = {}
     eval_rows: dict[str, int] = {}
@@ -93,4 +97,5 @@ def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False
                 "data_hashes": hashes[r["strategy"]]} for r in rows]
     atomic_write_bytes(storage / f"compare-{spec_path.stem}.md", (table + "\n").encode())
     atomic_write_bytes(storage / f"compare-{spec_path.stem}.json", json.dumps(payload, indent=2).encode())
+    plot_comparison(rows, storage / f"compare-{spec_path.stem}.png")
     return rows, table

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,19 @@ class MergeSection(Section):
             raise ValueError(f"unknown strategy {value!r}{hint}; expected one of {names}")
         return value
 
+    @model_validator(mode="after")
+    def _options(self) -> MergeSection:
+        """``options`` against the strategy's typed Options (names, types, bounds), at load time."""
+        from pm_ray.core.strategies import StrategyOptionError, check_options
+
+        try:
+            check_options(self.strategy, self.options)
+        except StrategyOptionError as err:
+            key, text = err.problems[0]
+            where = f"merge.options.{key}" if key else "merge.options"
+            raise PydanticCustomError("strategy_option", "{where}: {text}", {"where": where, "text": text}) from None
+        return self
+
 
 class FisherSection(Section):
     num_samples: int = Field(64, ge=1)
@@ -191,6 +205,19 @@ class RunConfig(Section):
     tracking: TrackingSection = TrackingSection()
     ray: RaySection = RaySection()
 
+    @model_validator(mode="after")
+    def _strategy_fits_training(self) -> RunConfig:
+        """What the workers would check: e.g. TRM's K snapshots must fit in trainer.steps_per_task."""
+        from pm_ray.core.strategies import build_strategy
+
+        steps = self.trainer.steps_per_task
+        try:
+            build_strategy(self.merge.strategy, **self.merge.options).record_steps(steps)
+        except ValueError as err:
+            raise PydanticCustomError("strategy_option", "{text}", {
+                "text": f"trainer.steps_per_task={steps} does not fit merge strategy {self.merge.strategy!r}: {err}"}) from None
+        return self
+
     def run_name(self, default_stem: str = "run") -> str:
         return self.storage.run_name or f"{self.merge.strategy}-{default_stem}"
 
@@ -217,26 +244,33 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted config key (``trainer.lr``, ``merge.options.lam``) in a config mapping, creating
+    missing sections; an unknown key suggests the closest valid one. The one setter behind
+    ``key=value`` overrides and tuning search spaces (``value`` is set as is)."""
     valid = _valid_keys(RunConfig)
+    if key not in valid and not any(key.startswith(v + ".") for v in valid if v.endswith("options")):
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"override: unknown config key {key!r}{hint}")
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. merge.strategy=average)")
         key, _, raw = item.partition("=")
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
-            node = child
-        if key not in valid and not any(key.startswith(v + ".") for v in valid if v.endswith("options")):
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"override: unknown config key {key!r}{hint}")
-        node[parts[-1]] = parse_value(raw)
+        set_dotted(data, key.strip(), parse_value(raw))
     return data
 
 
@@ -245,7 +279,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "strategy_option":  # the message names the merge.options key itself
+            lines.append(f"{source}: {e['msg']}")
+        elif e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(f"{source}: unknown config key {loc!r}{hint}")

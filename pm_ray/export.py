@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pm_ray.atomicdir import atomic_directory
 from pm_ray.core.lora import fold_delta
 from pm_ray.core.lowrank import concat_factors, relative_error, truncated_svd
 from pm_ray.core.tensors import load_tensors
@@ -35,8 +34,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def load_merged_model(run_dir: Path) -> tuple[Any, Any, RunDir]:
-    from pm_ray.models.backbone import load_backbone
-    from pm_ray.train.loop import DTYPES
+    from pm_ray.models.backbone import DTYPES, load_backbone
 
     run = RunDir(run_dir)
     state = run.read_state()
@@ -85,9 +83,7 @@ def _write_dir(out: Path, write: Callable[[Path], None]) -> Path:
     out = out.expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: export directory exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
@@ -95,14 +91,6 @@ def _write_dir(out: Path, write: Callable[[Path], None]) -> Path:
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, 0o666 & ~umask)
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -223,11 +211,10 @@ def export_adapter(run_dir: Path, out: Path, *, rank: int | None = None) -> dict
 
 def evaluate_run(run_dir: Path, *, max_rows: int | None = None) -> dict[str, Any]:
     from pm_ray.eval import evaluate_task
-    from pm_ray.train.loop import load_tasks
 
     model, tokenizer, run = load_merged_model(run_dir)
     cfg, state = run.read_config(), run.read_state()
-    tasks = load_tasks(run, state)
+    tasks = run.load_tasks(state)
     rows = max_rows if max_rows is not None else cfg.eval.max_rows
     return {
         task.name: evaluate_task(model, tokenizer, task, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,

@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pm_ray.atomicdir import atomic_directory
 from pm_ray.config import ConfigError, RunConfig
 from pm_ray.core.metrics import continual_metrics
+from pm_ray.interrupt import Interrupted, StopRequest, stop_on_signals
 from pm_ray.progress import ProgressPrinter
 from pm_ray.rundir import RunDir, RunState
 
@@ -60,23 +60,6 @@ def _resolve_tasks(cfg: RunConfig, cache_dir: Path) -> list[Any]:
     return tasks
 
 
-def _check_model(cfg: RunConfig) -> None:
-    """Fail fast (exit 2) on a model reference that cannot resolve, without loading weights."""
-    from pm_ray.models.backbone import BackboneError, bundled_model_dir
-
-    ref = cfg.model.name_or_path
-    try:
-        if ref.startswith("bundled:"):
-            bundled_model_dir(ref[len("bundled:"):])
-        elif ref.startswith("tiny:"):
-            if ref not in ("tiny:llama", "tiny:bert"):
-                raise BackboneError(f"unknown tiny model {ref!r}; expected tiny:llama or tiny:bert")
-        elif ref.startswith((".", "/", "~")) and not Path(ref).expanduser().is_dir():
-            raise BackboneError(f"model path {ref!r} does not exist")
-    except BackboneError as err:
-        raise ConfigError(f"model.name_or_path: {err}") from None
-
-
 def _write_task_data(root: Path, index: int, task: Any) -> str:
     import pyarrow.parquet as pq
 
@@ -91,6 +74,8 @@ def _write_task_data(root: Path, index: int, task: Any) -> str:
 
 def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
     """Create the run directory (atomically) or check that an existing one can be resumed."""
+    from pm_ray import preflight
+
     storage = Path(cfg.storage.path).expanduser().resolve()
     run = RunDir(storage / run_name)
     if run.exists():
@@ -98,21 +83,15 @@ def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
         return run
     if run.path.exists() and any(run.path.iterdir()):
         raise ConfigError(f"{run.path}: exists but is not a pm-ray run directory (no state.json); choose another storage.run_name")
-    _check_model(cfg)
-    storage.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_name}.", dir=storage))
-    try:
+    preflight.check_run(cfg)
+    preflight.make_storage(storage)
+    with atomic_directory(run.path) as tmp:
         tasks = _resolve_tasks(cfg, storage / ".cache")
+        preflight.check_tasks(cfg, tasks)
         hashes = {f"{i}-{t.name}": _write_task_data(tmp, i, t) for i, t in enumerate(tasks, start=1)}
         staged = RunDir(tmp)
         staged.write_config(cfg)
         staged.write_state(RunState(run_name=run_name, strategy=cfg.merge.strategy, task_names=[t.name for t in tasks], data_hashes=hashes))
-        if run.path.exists():
-            run.path.rmdir()
-        os.replace(tmp, run.path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return run
 
 
@@ -154,34 +133,59 @@ def _start_tracking(cfg: RunConfig, run: RunDir, state: RunState) -> dict[str, A
     return {"uri": uri, "run_id": tracker.run_id, "run_name": state.run_name, "artifact_dir": str(artifact_dir), "tracker": tracker}
 
 
-def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], callbacks: list[Any] | None = None) -> None:
+def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], stop: StopRequest) -> None:
+    """The worker loop in this process (engine=single) or on a TorchTrainer's workers, whose
+    controller ``stop`` aborts on Ctrl-C / SIGTERM."""
     from pm_ray.train.loop import train_loop_per_worker
 
     if cfg.trainer.engine == "single" or cfg.trainer.num_workers == 1 and cfg.trainer.engine != "deepspeed":
         train_loop_per_worker({**loop_config, "in_ray_train": False})
         return
-    from ray.train import FailureConfig
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:  # Ray Train's exits 1, silently
+            stop.on_stop(lambda: _abort(controller))  # pm_ray.interrupt handles SIGINT/SIGTERM
+
     attempt = len(list((run.path / "ray").glob("train-*"))) if (run.path / "ray").exists() else 0
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={**loop_config, "in_ray_train": True},
         scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                      resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
         run_config=RayRunConfig(storage_path=str(run.path / "ray"), name=f"train-{attempt}",
-                                failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-                                callbacks=callbacks or None),
+                                failure_config=FailureConfig(max_failures=cfg.trainer.max_failures)),
     )
     trainer.fit()
 
 
-def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = False, callbacks: list[Any] | None = None) -> RunSummary:
-    """Run (or resume) the stream. ``callbacks`` go to the TorchTrainer's RunConfig (e.g. Tune's
-    report callback); every task boundary is a ray.train.report with the task's metrics."""
+def _abort(controller: Any) -> None:
+    """Ray Train's graceful abort: the controller stops the worker group and exits."""
+    import ray
+
+    try:
+        ray.get(controller.abort.remote(), timeout=60)
+    except Exception:  # noqa: BLE001  (the controller exits as it aborts)
+        pass
+
+
+def _stop(tracking: dict[str, Any] | None, run: RunDir, signum: int) -> Interrupted:
+    """After Ctrl-C / SIGTERM: end the MLflow run as KILLED and stop Ray."""
+    import ray
+
+    if tracking:
+        tracking["tracker"].end(status="KILLED")
+    ray.shutdown()
+    state = run.read_state()
+    return Interrupted(signum, f"{Interrupted(signum)}: run {state.run_name} keeps {state.completed}/{len(state.task_names)} committed "
+                                   f"tasks in {run.path}; run the same command to resume")
+
+
+def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = False) -> RunSummary:
+    """Run (or resume) the stream. Ctrl-C / SIGTERM raise :class:`Interrupted` once Ray stopped."""
     import ray
 
     from pm_ray.merge.actor import create_merge_actors
@@ -200,7 +204,15 @@ def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = Fal
         if printer:
             printer.start()
         try:
-            _fit(cfg, run, loop_config, callbacks)
+            with stop_on_signals() as stop:
+                try:
+                    _fit(cfg, run, loop_config, stop)
+                except BaseException:
+                    if stop.signum is not None:
+                        raise _stop(tracking, run, stop.signum) from None
+                    raise
+                if stop.signum is not None and run.read_state().completed < len(state.task_names):
+                    raise _stop(tracking, run, stop.signum)
         except Exception as err:  # the trainer's own error carries the worker traceback
             if tracking:
                 tracking["tracker"].end(status="FAILED")
@@ -209,8 +221,9 @@ def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = Fal
         finally:
             if printer:
                 printer.close()
-            for actor in actors:
-                ray.kill(actor)
+            if ray.is_initialized():
+                for actor in actors:
+                    ray.kill(actor)
         from pm_ray.report import write_report
 
         state = run.read_state()

@@ -51,6 +51,66 @@ class RunState:
     version: int = STATE_VERSION
 
 
+class StateFileError(ValueError):
+    """state.json exists but is not what the pipeline writes (the message names the file and field)."""
+
+
+def _field(raw: dict[str, Any], path: Path, key: str, kind: type | tuple[type, ...], expected: str) -> Any:
+    if key not in raw:
+        raise StateFileError(f"{path}: missing field {key!r} ({expected})")
+    value = raw[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise StateFileError(f"{path}: field {key!r} is {value!r}; expected {expected}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_state(raw: Any, path: Path) -> RunState:
+    """The one check of state.json: version, fields and their shapes (what readers rely on)."""
+    from pm_ray.core.coefficient import alpha_stats
+
+    if not isinstance(raw, dict):
+        raise StateFileError(f"{path}: top level is a {type(raw).__name__}; expected a JSON object")
+    if raw.get("version") != STATE_VERSION:
+        raise StateFileError(f"{path}: written by an incompatible pm-ray version (state version {raw.get('version')!r}; "
+                             f"expected {STATE_VERSION})")
+    unknown = set(raw) - set(RunState.__dataclass_fields__)
+    if unknown:
+        raise StateFileError(f"{path}: unknown fields {sorted(unknown)}")
+    names = _field(raw, path, "task_names", list, "a list of task names")
+    if not all(isinstance(name, str) for name in names):
+        raise StateFileError(f"{path}: field 'task_names' is {names!r}; expected a list of strings")
+    completed = _field(raw, path, "completed", int, f"an integer in 0..{len(names)}")
+    if not 0 <= completed <= len(names):
+        raise StateFileError(f"{path}: field 'completed' is {completed}; expected an integer in 0..{len(names)}")
+    accuracy = _field(raw, path, "accuracy", list, "a list of rows of scores")
+    if len(accuracy) != completed:
+        raise StateFileError(f"{path}: field 'accuracy' has {len(accuracy)} rows; expected one per completed task ({completed})")
+    for l, row in enumerate(accuracy):
+        if not isinstance(row, list):
+            raise StateFileError(f"{path}: field 'accuracy': row {l + 1} is {row!r}; expected a list of scores")
+        for i, value in enumerate(row):
+            if value is not None and not _is_number(value):
+                raise StateFileError(f"{path}: field 'accuracy': R[{l + 1}][{i + 1}] is {value!r}; expected a number, null or NaN")
+    alphas = raw.get("alphas", [])
+    if not isinstance(alphas, list) or len(alphas) > completed or not all(
+            a is None or isinstance(a, dict) or _is_number(a) for a in alphas):
+        raise StateFileError(f"{path}: field 'alphas' is {alphas!r}; expected at most {completed} entries of number, object or null")
+    try:
+        [alpha_stats(a) for a in alphas]
+    except ValueError as err:
+        raise StateFileError(f"{path}: field 'alphas': {err}") from None
+    for key, kind, expected in (("metrics", dict, "an object"), ("diagnostics", list, "a list"), ("wall_s", (int, float), "a number of seconds")):
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            raise StateFileError(f"{path}: field {key!r} is {raw[key]!r}; expected {expected}")
+    for key in ("run_name", "strategy"):
+        _field(raw, path, key, str, "a string")
+    return RunState(**raw)
+
+
 def write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
 
@@ -101,19 +161,26 @@ class RunDir:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
+    def load_tasks(self, state: RunState) -> list[Any]:
+        """The run's own copy of its task stream (data/<i>-<name>/, written when it was created)."""
+        from pm_ray.data.readers import load_task
+
+        tasks = []
+        for i, name in enumerate(state.task_names, start=1):
+            d = self.data_dir(i, name)
+            meta = read_json(d / "task.json")
+            tasks.append(load_task(name, meta["kind"], d / "train.parquet", d / "test.parquet"))
+        return tasks
+
     # state
     def read_state(self) -> RunState:
         if not self.state_path.is_file():
             raise FileNotFoundError(f"{self.state_path}: no state.json (not a pm-ray run directory, or the run never started)")
-        raw = read_json(self.state_path)
-        if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
-            got = raw.get("version") if isinstance(raw, dict) else type(raw).__name__
-            raise ValueError(f"{self.state_path}: written by an incompatible pm-ray version (state version {got!r}, expected {STATE_VERSION})")
-        known = set(RunState.__dataclass_fields__)
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{self.state_path}: unknown fields {sorted(unknown)}")
-        return RunState(**raw)
+        try:
+            raw = json.loads(self.state_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StateFileError(f"{self.state_path}: not valid JSON ({err})") from None
+        return validate_state(raw, self.state_path)
 
     def write_state(self, state: RunState) -> None:
         write_json(self.state_path, asdict(state))

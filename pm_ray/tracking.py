@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pm_ray.core.coefficient import alpha_stats
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
@@ -264,3 +266,41 @@ def read_run_summary(uri: str, experiment: str) -> list[dict[str, Any]]:
         if parent is not None:
             parent["children"].append(_run_dict(run))
     return parents
+
+
+# ---- the workers' side -----------------------------------------------------------------------------
+
+
+class TaskTracker:
+    """Rank 0's MLflow logging: one nested run per task under the driver's parent run."""
+
+    def __init__(self, parent: Any) -> None:
+        self.parent = parent
+
+    def log_task(self, task: int, name: str, losses: list[float], alpha: Any, row: list[float], diagnostics: dict[str, Any]) -> None:
+        child = self.parent.nested(f"task{task}-{name}", params={"task": task, "task_name": name})
+        child.log_step_losses(losses)
+        metrics: dict[str, float] = {f"acc_task{i}": v for i, v in enumerate(row, start=1)}
+        metrics["mean_seen_accuracy"] = sum(row) / len(row)
+        metrics.update({k: float(v) for k, v in diagnostics.items() if isinstance(v, (int, float)) and k != "task"})
+        stats = alpha_stats(alpha)
+        if isinstance(alpha, dict) and stats is not None:
+            metrics.update(dict(zip(("alpha_mean", "alpha_min", "alpha_max"), stats)))
+        elif stats is not None:
+            metrics["alpha"] = stats[0]
+        child.log_metrics(metrics, step=task)
+        child.end()
+        parent_metrics = {f"R_{task}_{i}": v for i, v in enumerate(row, start=1)}
+        if "alpha" in metrics:
+            parent_metrics["alpha"] = metrics["alpha"]
+        parent_metrics["mean_seen_accuracy"] = metrics["mean_seen_accuracy"]
+        self.parent.log_metrics(parent_metrics, step=task)
+
+
+def task_tracker(loop_config: dict[str, Any], cfg: Any) -> TaskTracker | None:
+    info = loop_config.get("mlflow")
+    if not info:
+        return None
+    parent = RunTracker.start(info["uri"], cfg.tracking.experiment, info["run_name"], Path(info["artifact_dir"]),
+                              params={}, resume_run_id=info["run_id"])
+    return TaskTracker(parent)

@@ -45,6 +45,21 @@ Partials = dict[str, tuple[float, float]]
 Alpha = float | dict[str, float]
 
 
+def alpha_stats(alpha: Alpha | Mapping[str, float] | None) -> tuple[float, float, float] | None:
+    """(mean, min, max) of one task's α (a float, or per module a {module: float} dict); None for
+    strategies without a coefficient. The one summary every table, log and plot of α uses."""
+    if alpha is None:
+        return None
+    values = list(alpha.values()) if isinstance(alpha, Mapping) else [alpha]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"α {alpha!r}: {value!r} is not a number; expected a number, a {{module: number}} dict or None")
+    if not values:
+        return None
+    floats = [float(v) for v in values]
+    return sum(floats) / len(floats), min(floats), max(floats)
+
+
 def _clip(value: float, clip: bool) -> float:
     return min(max(value, 0.0), 1.0) if clip else value
 

@@ -222,8 +222,3 @@ def fisher_batches(task: Task, tokenizer: Any, *, num_samples: int, batch_size: 
         rows = task.train.take(mine[start:start + batch_size]).to_pylist()
         yield encode_examples(tokenizer, rows, max_length=max_length, kind=task.kind,
                               label_names=task.labels, stats=stats)
-
-
-def fisher_sample_count(task: Task, num_samples: int) -> int:
-    """Global number of rows `fisher_batches` covers over all ranks (the Fisher's divisor N)."""
-    return min(num_samples, task.train.num_rows)

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
-from pm_ray.core.coefficient import Alpha, add_partials, alpha_from_partials
+from pm_ray.core.coefficient import Alpha, add_partials
 from pm_ray.core.fisher import FisherShard
 from pm_ray.core.strategies import MergeStrategy, TaskUpdate, build_strategy
-from pm_ray.core.strategies.line import LineMerge
 from pm_ray.core.tensors import TensorDict
 
 
@@ -75,7 +73,7 @@ class MergeShard:
         result = self.strategy.merge(self._update(task, delta, extras), alpha=alpha)
         path = self.stats_dir / f"shard{self.shard}-task{task}.safetensors"
         self.strategy.save(path)
-        return {"alpha": result.alpha, "state_file": str(path), "is_line": isinstance(self.strategy, LineMerge) and self.strategy.name != "trm"}
+        return {"alpha": result.alpha, "state_file": str(path)}
 
     def current(self) -> tuple[TensorDict, TensorDict]:
         return self.strategy.merged, self.strategy.start
@@ -105,10 +103,7 @@ class MergeClient:
     def __init__(self, run_name: str, num_shards: int, strategy: str, options: dict[str, Any]) -> None:
         self.handles = [ray.get_actor(actor_name(run_name, k)) for k in range(num_shards)]
         self.num_shards = num_shards
-        build_strategy(strategy, **options)  # validates options early, on every worker
-        self.solves_alpha = strategy in ("pm", "trm")  # the closed form, from summed partials
-        self.per_module = bool(options.get("per_module", False))
-        self.clip = bool(options.get("clip", True))
+        self.strategy = build_strategy(strategy, **options)  # what it is (flags), and its α solve
 
     def _split(self, tensors: TensorDict) -> list[TensorDict]:
         return [{key: tensors[key] for key in keys} for keys in shard_keys(list(tensors), self.num_shards)]
@@ -126,7 +121,7 @@ class MergeClient:
     def alpha(self, task: int, delta: TensorDict) -> Alpha:
         """P&M's α_t for this task from all shards' partials (phase one), without merging."""
         partials = ray.get([h.partials.remote(task, part) for h, part in zip(self.handles, self._split(delta))])
-        return alpha_from_partials(add_partials(*partials), per_module=self.per_module, clip=self.clip)
+        return self.strategy.solve_alpha(add_partials(*partials))
 
     def merge(self, task: int, delta: TensorDict, extras: dict[str, Any] | None = None) -> dict[str, Any]:
         """Phase two: every shard merges its modules with the one global α (or its own α's).
@@ -136,7 +131,7 @@ class MergeClient:
         """
         parts = self._split(delta)
         alpha: Alpha | None = None
-        if self.solves_alpha and not self.per_module and not extras:
+        if self.strategy.solves_line_alpha and self.strategy.global_alpha and not extras:
             alpha = self.alpha(task, delta)
         shard_extras: list[dict[str, Any]] = [{} for _ in parts]
         for name, value in (extras or {}).items():
@@ -148,7 +143,7 @@ class MergeClient:
             alpha = {key: value for r in results for key, value in r["alpha"].items()}
         elif alpha is None:
             alpha = results[0]["alpha"]
-        return {"alpha": alpha, "state_files": [r["state_file"] for r in results], "is_line": results[0]["is_line"]}
+        return {"alpha": alpha, "state_files": [r["state_file"] for r in results]}
 
     def current(self) -> tuple[TensorDict, TensorDict]:
         merged: TensorDict = {}

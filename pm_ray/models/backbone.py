@@ -27,6 +27,7 @@ from pm_ray.models.packages import package_dir
 from pm_ray.models.tiny_tokenizer import tiny_bert_tokenizer, tiny_llama_tokenizer
 
 BACKBONE_KINDS: tuple[str, ...] = ("instruction", "classification")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype
 TINY_SEED = 0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TRUE = {"1", "true", "yes", "on"}

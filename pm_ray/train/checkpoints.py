@@ -7,8 +7,6 @@ before state.json names the task as completed.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,35 +15,25 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from pm_ray.atomicdir import atomic_directory
 from pm_ray.core.tensors import save_tensors
 from pm_ray.rundir import RunDir, RunState, write_json
 
 
 def save_adapter(model: Any, adapter: str, target: Path) -> None:
     """A standard PEFT adapter directory (adapter_model.safetensors + adapter_config.json)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target, replace=True) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
         save_file(state, str(tmp / "adapter_model.safetensors"))
-        config = model.peft_config[adapter]
-        config.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        model.peft_config[adapter].save_pretrained(str(tmp))
 
 
-def write_merged(run: RunDir, state: RunState, merged: dict[str, torch.Tensor], is_line: bool, tasks: list[Any]) -> None:
-    """merged/delta.safetensors (θ̂ − W0), and for α-merges the equivalent stack Σ α_i Δ_i."""
+def write_merged(run: RunDir, state: RunState, merged: dict[str, torch.Tensor], keeps_adapter_stack: bool, tasks: list[Any]) -> None:
+    """merged/delta.safetensors (θ̂ − W0), and for α-merges (keeps_adapter_stack) the equivalent
+    stack Σ α_i Δ_i."""
     save_tensors(run.merged_dir / "delta.safetensors", merged, {"kind": "merged_delta", "task": state.completed, "strategy": state.strategy})
     stack_path = run.merged_dir / "stack.json"
-    if is_line:
+    if keeps_adapter_stack:
         stack = [
             {"task": i, "name": tasks[i - 1].name, "alpha": state.alphas[i - 1],
              "adapter": str(run.task_dir(i, tasks[i - 1].name).relative_to(run.path) / "adapter")}
@@ -156,48 +144,12 @@ class TaskProgress:
         return dict(self.timings)
 
 
-def report(metrics: dict[str, Any], checkpoint_dir: str | None, in_ray_train: bool) -> None:
-    """ray.train.report from every rank (a collective); rank 0 attaches the checkpoint."""
+def report(metrics: dict[str, Any], in_ray_train: bool) -> None:
+    """ray.train.report of the task's metrics from every rank (a collective). No Ray checkpoint:
+    the run directory (state.json and the merge state it names) is what a retry or a resume
+    starts from, so a copy in Ray's storage would never be read."""
     if not in_ray_train:
         return
     import ray.train
 
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint)
-
-
-class TaskTracker:
-    """Rank 0's MLflow logging: one nested run per task under the driver's parent run."""
-
-    def __init__(self, parent: Any) -> None:
-        self.parent = parent
-
-    def log_task(self, task: int, name: str, losses: list[float], alpha: Any, row: list[float], diagnostics: dict[str, Any]) -> None:
-        child = self.parent.nested(f"task{task}-{name}", params={"task": task, "task_name": name})
-        child.log_step_losses(losses)
-        metrics: dict[str, float] = {f"acc_task{i}": v for i, v in enumerate(row, start=1)}
-        metrics["mean_seen_accuracy"] = sum(row) / len(row)
-        metrics.update({k: float(v) for k, v in diagnostics.items() if isinstance(v, (int, float)) and k != "task"})
-        if isinstance(alpha, dict):
-            values = list(alpha.values())
-            metrics.update({"alpha_mean": sum(values) / len(values), "alpha_min": min(values), "alpha_max": max(values)})
-        elif alpha is not None:
-            metrics["alpha"] = float(alpha)
-        child.log_metrics(metrics, step=task)
-        child.end()
-        parent_metrics = {f"R_{task}_{i}": v for i, v in enumerate(row, start=1)}
-        if "alpha" in metrics:
-            parent_metrics["alpha"] = metrics["alpha"]
-        parent_metrics["mean_seen_accuracy"] = metrics["mean_seen_accuracy"]
-        self.parent.log_metrics(parent_metrics, step=task)
-
-
-def task_tracker(loop_config: dict[str, Any], cfg: Any) -> TaskTracker | None:
-    info = loop_config.get("mlflow")
-    if not info:
-        return None
-    from pm_ray.tracking import RunTracker
-
-    parent = RunTracker.start(info["uri"], cfg.tracking.experiment, info["run_name"], Path(info["artifact_dir"]),
-                              params={}, resume_run_id=info["run_id"])
-    return TaskTracker(parent)
+    ray.train.report(metrics)

@@ -8,16 +8,9 @@ strategy, Fisher samples, ...) where every trial is one whole continual run.
 Ray is imported only when a tuning experiment runs; loading and validating a config does not need it.
 """
 
-from pm_ray.tune.search import (
-    Distribution,
-    SchedulerSection,
-    SearchSection,
-    TrialResources,
-    TuneSpec,
-    load_tune_config,
-    plan_concurrency,
-    trial_demand,
-)
+from pm_ray.tune.resources import plan_concurrency, trial_demand
+from pm_ray.tune.space import Distribution, SchedulerSection, SearchSection, TrialResources
+from pm_ray.tune.spec import TuneSpec, load_tune_config
 
 __all__ = [
     "Distribution", "SchedulerSection", "SearchSection", "TrialResources", "TuneSpec", "TuneSummary",

@@ -8,7 +8,7 @@ from typing import Any
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from pm_ray.tune.runner import run_tune
-    from pm_ray.tune.search import load_tune_config
+    from pm_ray.tune.spec import load_tune_config
 
     spec = load_tune_config(args.config, args.overrides)
     summary = run_tune(spec, quiet=args.quiet, retry_errored=args.retry_errored)

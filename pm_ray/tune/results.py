@@ -4,16 +4,18 @@ as YAML and a plot of the objective against ε. Every file is written atomically
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from pm_ray.config import config_from_dict, dump_config
 from pm_ray.core.metrics import continual_metrics
 from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.rundir import RunDir
-from pm_ray.tune.search import TuneSpec, plain
+from pm_ray.tune.spec import TuneSpec, plain, set_key, trial_config_data
 
 METRIC_COLUMNS = ("acc", "aaa", "forgetting", "bwt")
 EPSILON_KEY = "perturbation.epsilon"
@@ -181,9 +183,22 @@ def plot_objective(rows: list[dict[str, Any]], spec: TuneSpec, path: Path) -> Pa
     return path
 
 
-def write_outputs(spec: TuneSpec, rows: list[dict[str, Any]], best: dict[str, Any] | None, table: str) -> dict[str, Path]:
-    from pm_ray.tune.runner import best_config_yaml
+def best_config_yaml(spec: TuneSpec, best: dict[str, Any]) -> str:
+    """The best trial's config as a runnable `pm-ray run` YAML (a fresh run name under the original
+    storage path and tracking settings)."""
+    data = trial_config_data(spec.base_data(), best["params"])
+    set_key(data, "storage.run_name", f"{spec.name}-best")
+    cfg = config_from_dict(copy.deepcopy(data), "best config")
+    header = [
+        f"# Best trial of tuning experiment {spec.name} ({spec.experiment_dir})",
+        f"# {spec.search.objective} = {best['objective']:.6g}  trial {best['trial']}  run directory {best['run_dir']}",
+        "# searched: " + json.dumps(plain(best["params"]), sort_keys=True),
+        f"# pm-ray run {spec.experiment_dir / 'best.yaml'}",
+    ]
+    return "\n".join(header) + "\n" + dump_config(cfg)
 
+
+def write_outputs(spec: TuneSpec, rows: list[dict[str, Any]], best: dict[str, Any] | None, table: str) -> dict[str, Path]:
     exp = spec.experiment_dir
     files = {"table": exp / "results.md", "parquet": exp / "results.parquet"}
     atomic_write_bytes(files["table"], (table + "\n").encode())

@@ -16,8 +16,6 @@ that were running restart and resume their run directories from the last committ
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import sys
 import time
@@ -27,11 +25,15 @@ from typing import Any
 
 import yaml
 
-from pm_ray.config import ConfigError, RunConfig, config_from_dict, dump_config
+from pm_ray.config import ConfigError, RunConfig, config_from_dict
 from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.pipeline import RunFailed, init_ray
+from pm_ray.preflight import check_run
 from pm_ray.rundir import config_fingerprint
-from pm_ray.tune.search import SearchSection, TrialDemand, TuneSpec, plain, plan_concurrency, trial_demand
+from pm_ray.tune.resources import TrialDemand, plan_concurrency, trial_demand
+from pm_ray.tune.results import collect_rows, finish_tracking, format_table, pick_best, write_outputs
+from pm_ray.tune.space import SearchSection, TrialResources
+from pm_ray.tune.spec import TuneSpec, trial_config_data
 from pm_ray.tune.trainable import run_trial, trial_dirname
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,6 @@ class TrialResourceRequest:
 
     def __call__(self, config: dict[str, Any]) -> Any:
         from ray import tune
-
-        from pm_ray.tune.search import TrialResources, trial_config_data
 
         cfg = config_from_dict(trial_config_data(self.base, config))
         bundle = trial_demand(cfg, TrialResources.model_validate(self.resources)).bundle
@@ -170,6 +170,7 @@ def run_tune(spec: TuneSpec, *, quiet: bool = False, retry_errored: bool = False
 
     out = stream if stream is not None else sys.stdout
     started = time.time()
+    check_run(spec.base)  # model, LoRA targets, storage.path, DeepSpeed config: before Ray starts
     exp_dir = spec.experiment_dir
     spec_path = exp_dir / SPEC_FILE
     if spec_path.is_file():
@@ -220,8 +221,6 @@ def run_tune(spec: TuneSpec, *, quiet: bool = False, retry_errored: bool = False
     else:
         grid = tuner.fit()
 
-    from pm_ray.tune.results import collect_rows, finish_tracking, format_table, pick_best, write_outputs
-
     rows = collect_rows(grid, spec)
     best = pick_best(rows, spec.search.objective)
     table = format_table(rows, spec, best)
@@ -237,21 +236,4 @@ def run_tune(spec: TuneSpec, *, quiet: bool = False, retry_errored: bool = False
     return summary
 
 
-def best_config_yaml(spec: TuneSpec, best: dict[str, Any]) -> str:
-    """The best trial's config as a runnable `pm-ray run` YAML (a fresh run name under the original
-    storage path and tracking settings)."""
-    from pm_ray.tune.search import set_key, trial_config_data
-
-    data = trial_config_data(spec.base_data(), best["params"])
-    set_key(data, "storage.run_name", f"{spec.name}-best")
-    cfg = config_from_dict(copy.deepcopy(data), "best config")
-    header = [
-        f"# Best trial of tuning experiment {spec.name} ({spec.experiment_dir})",
-        f"# {spec.search.objective} = {best['objective']:.6g}  trial {best['trial']}  run directory {best['run_dir']}",
-        "# searched: " + json.dumps(plain(best["params"]), sort_keys=True),
-        f"# pm-ray run {spec.experiment_dir / 'best.yaml'}",
-    ]
-    return "\n".join(header) + "\n" + dump_config(cfg)
-
-
-__all__ = ["TuneSummary", "run_tune", "best_config_yaml", "TrialResourceRequest", "TrialDemand", "stream_length"]
+__all__ = ["TuneSummary", "run_tune", "TrialResourceRequest", "TrialDemand", "stream_length"]

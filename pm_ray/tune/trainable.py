@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pm_ray.core.coefficient import alpha_stats
 from pm_ray.core.metrics import continual_metrics
 from pm_ray.rundir import RunDir, RunState
 
@@ -44,10 +45,9 @@ def task_metrics(state: RunState, task: int, run_dir: Path) -> dict[str, Any]:
     if task <= len(state.diagnostics) and isinstance(state.diagnostics[task - 1].get("final_loss"), (int, float)):
         metrics["loss"] = float(state.diagnostics[task - 1]["final_loss"])
     alpha = state.alphas[task - 1] if task <= len(state.alphas) else None
-    if isinstance(alpha, dict) and alpha:
-        metrics["alpha"] = sum(alpha.values()) / len(alpha)
-    elif isinstance(alpha, (int, float)):
-        metrics["alpha"] = float(alpha)
+    stats = alpha_stats(alpha)
+    if stats is not None:
+        metrics["alpha"] = stats[0]
     metrics["stream_done"] = task == len(state.task_names)
     metrics["run_dir"] = str(run_dir)
     return metrics
@@ -63,7 +63,7 @@ def _committed(run: RunDir) -> RunState | None:
 def build_trial_config(base: dict[str, Any], params: dict[str, Any], runs_dir: str, run_name: str,
                        tracking: dict[str, str] | None) -> Any:
     from pm_ray.config import config_from_dict
-    from pm_ray.tune.search import set_key, trial_config_data
+    from pm_ray.tune.spec import set_key, trial_config_data
 
     data = trial_config_data(base, params)
     set_key(data, "storage.path", runs_dir)

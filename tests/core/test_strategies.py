@@ -73,7 +73,7 @@ def test_pm_uses_the_closed_form(per_module: bool) -> None:
     results = run(build_strategy("pm", per_module=per_module), deltas, fishers)
     merged = {k: torch.zeros(s) for k, s in KEYS.items()}
     experts = []
-    for t, (d, f, r) in enumerate(zip(deltas, fishers, results), start=1):
+    for t, (d, _f, r) in enumerate(zip(deltas, fishers, results), start=1):
         experts.append({k: merged[k] + d[k] for k in KEYS})
         ref = optimal_alpha(d, merged, experts, fishers[:t], per_module=per_module)
         if per_module:
@@ -207,3 +207,22 @@ def test_bad_options_and_inputs() -> None:
     with pytest.raises(ValueError, match="NaN"):
         s.merge(TaskUpdate(task=2, delta=nan))
     random.seed(0)
+
+
+def test_strategies_say_what_they_are() -> None:
+    """The flags the merge actors and the worker loop read instead of strategy names."""
+    flags = {name: (cls.train_from, cls.needs_fisher, cls.solves_line_alpha, cls.keeps_adapter_stack, cls.has_worker_step)
+             for name, cls in STRATEGIES.items()}
+    assert flags == {
+        "sequential": ("merged", False, False, True, False),
+        "average": ("merged", False, False, True, False),
+        "fixed": ("merged", False, False, True, False),
+        "pm": ("merged", True, True, True, False),
+        "trm": ("merged", True, True, False, True),
+        "magmax": ("expert", False, False, False, False),
+        "ties": ("expert", False, False, False, False),
+        "dare": ("expert", False, False, False, False),
+    }
+    assert build_strategy("pm").global_alpha and not build_strategy("pm", per_module=True).global_alpha
+    assert build_strategy("trm", snapshots=3).record_steps(10) == [3, 6, 10] and build_strategy("pm").record_steps(10) == []
+    assert build_strategy("trm", steps=2).worker_batches == 2 and build_strategy("trm").worker_batches == 4

@@ -47,10 +47,14 @@ def test_unknown_key_suggests_the_closest(tmp_path, storage, capsys) -> None:
     ("tasks.suite=cit9", "cit9"),
     ("model.name_or_path=/nonexistent/model", "/nonexistent/model"),
     ("model.name_or_path=bundled:gpt5", "gpt5"),
+    ("lora.targets=[q_prj]", "lora.targets: LoRA targets ['q_prj'] match no module of LlamaForCausalLM (llama); did you mean 'q_proj'?"),
+    ("lora.targets=c_attn", "lora.targets: LoRA targets ['c_attn'] match no module"),
+    ("trainer.engine=deepspeed trainer.deepspeed_config=/nonexistent/ds.json", "trainer.deepspeed_config: /nonexistent/ds.json does not exist"),
+    ("merge.strategy=trm trainer.steps_per_task=2", "trainer.steps_per_task=2 does not fit merge strategy 'trm'"),
 ])
 def test_bad_values_exit_2(tmp_path, storage, capsys, override, needle) -> None:
     config = write_config(tmp_path / "c.yaml", tiny_config(storage))
-    code, err = run_cli(["run", str(config), override], capsys)
+    code, err = run_cli(["run", str(config), *override.split(" ")], capsys)
     assert code == 2, err
     assert needle in err
     assert err.strip().startswith("pm-ray: error:")
@@ -102,3 +106,36 @@ def test_resume_with_a_different_config_is_refused(tmp_path, storage, capsys, ra
     assert code == 0, err
     code, err = run_cli(["run", str(config), "--quiet", "trainer.lr=0.1"], capsys)
     assert code == 2 and "trainer.lr" in err and "different config" in err
+
+
+def test_misspelt_strategy_option_fails_before_anything_is_written(tmp_path) -> None:
+    """The quickstart with a typo in merge.options: exit 2, one line naming the key and the fix,
+    no storage directory (the old behaviour started Ray and failed inside the workers)."""
+    import os
+    import subprocess
+    import sys
+
+    storage = tmp_path / "runs"
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "pm_ray.cli", "run", "jobs/quickstart.yaml", "merge.strategy=magmax",
+                           "merge.options={lamda: 0.5}", f"storage.path={storage}"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "merge.options.lamda" in lines[0] and "did you mean 'lam'" in lines[0]
+    assert not storage.exists()
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_storage_path_that_cannot_be_written_exit_2(tmp_path, capsys, where) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    storage = blocker / "runs" if where == "under-a-file" else Path("/proc/pm-ray-cannot-write/runs")
+    config = write_config(tmp_path / "c.yaml", tiny_config(storage))
+    code, err = run_cli(["run", str(config)], capsys)
+    assert code == 2, err
+    assert err.strip().startswith("pm-ray: error: storage.path:") and str(storage) in err
+    assert len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a directory" and not storage.exists()

@@ -96,3 +96,43 @@ def test_worker_killed_mid_task_is_retried_from_the_task_boundary(tmp_path) -> N
     reference = cli(config, "storage.run_name=clean")
     finish(reference)
     assert state["alphas"] == pytest.approx(read_state(tmp_path / "runs" / "clean")["alphas"], abs=1e-6)
+
+
+@pytest.mark.parametrize("sig,engine", [(signal.SIGINT, "single"), (signal.SIGTERM, "ddp")])
+def test_ctrl_c_or_sigterm_stops_ray_cleanly_and_the_same_command_resumes(tmp_path, sig, engine) -> None:
+    """SIGINT to the whole process group (what Ctrl-C in a terminal does), SIGTERM to the driver
+    only (what `kill` or a scheduler does): exit 130 / 143 with one line, no Ray stack dump, no
+    process of the run left, the committed tasks intact, and the same command finishes the run."""
+    workers = {"engine": engine, "num_workers": 1 if engine == "single" else 2}
+    config = write_config(tmp_path / "stop.yaml", tiny_config(tmp_path / "runs", trainer={"steps_per_task": 40, **workers}))
+    run_dir = tmp_path / "runs" / "stopped"
+    proc = cli(config, "storage.run_name=stopped")
+    wait_for(lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1, 240, "task 1 to commit", proc)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out
+    name = signal.Signals(sig).name
+    assert f"pm-ray: interrupted by {name}: run stopped keeps" in out and "run the same command to resume" in out, out
+    assert "***" not in out and "Traceback" not in out and "Stack trace" not in out, out
+    deadline = time.time() + 30
+    while time.time() < deadline:  # Ray's processes were started in the driver's session
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("processes of the stopped run are still alive")
+    stopped = read_state(run_dir)
+    assert 1 <= stopped["completed"] < 3, "the signal must land before the run finished"
+    meta = json.loads((run_dir / "merged" / "stack.json").read_text())
+    assert meta["task"] == stopped["completed"]
+
+    finish(cli(config, "storage.run_name=stopped"))
+    resumed = read_state(run_dir)
+    assert resumed["completed"] == 3
+    assert resumed["alphas"][: stopped["completed"]] == stopped["alphas"]
+    assert resumed["accuracy"][: stopped["completed"]] == stopped["accuracy"]

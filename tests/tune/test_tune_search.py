@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from pm_ray.config import ConfigError, load_config
-from pm_ray.tune.search import load_tune_config, plan_concurrency, trial_config_data
+from pm_ray.tune.resources import plan_concurrency
+from pm_ray.tune.spec import load_tune_config, trial_config_data
 from tinyconfig import tiny_config
 
 
@@ -115,3 +116,21 @@ def test_jobs_tune_epsilon_is_valid() -> None:
     assert spec.base.tasks.suite == "cit5" and spec.base.tasks.variant == "quick"
     assert plan_concurrency(spec, {"CPU": 2.0})[0] >= 1
     load_config(None)  # the base loader is untouched by the search section
+
+
+def test_strategy_option_is_a_tunable_field_with_bounds(tmp_path) -> None:
+    magmax = {"merge": {"strategy": "magmax"}}
+    spec = load_tune_config(write(tmp_path, {"space": {"merge.options.lam": {"uniform": [0.1, 1.0]}}}, **magmax))
+    assert spec.search.space["merge.options.lam"].kind == "uniform"
+    assert trial_config_data(spec.base_data(), {"merge.options.lam": 0.3})["merge"]["options"] == {"lam": 0.3}
+    bad = [
+        ({"space": {"merge.options.lam": {"uniform": [0, 1.0]}}}, magmax, "merge.options.lam: magmax: lam=0.0 must be > 0"),
+        ({"space": {"merge.options.lamda": [0.5]}}, magmax, "did you mean 'lam'?"),
+        ({"space": {"merge.options.lam": [0.5], "merge.strategy": ["magmax", "pm"]}}, magmax,
+         "merge strategy 'pm' has no option 'lam'"),
+        ({"space": {"merge.options.density": {"uniform": [0.5, 1.5]}}}, {"merge": {"strategy": "ties"}}, "density="),
+    ]
+    for search, sections, expected in bad:
+        with pytest.raises(ConfigError) as err:
+            load_tune_config(write(tmp_path, search, **sections))
+        assert expected in str(err.value), (search, str(err.value))

@@ -1,23 +1,24 @@
-"""Merge strategies behind one interface (base.py), one file per method, found by name."""
+"""Merge strategies behind one interface (base.py), one file per method, named in registry.py."""
 
-from pm_ray.core.strategies import dare, line, magmax, ties  # noqa: F401  (registers them)
-from pm_ray.core.strategies import trm  # noqa: F401  (registers "trm"; after line: it subclasses pm)
-from pm_ray.core.strategies.base import (
+from pm_ray.core.strategies.base import MergeResult, MergeStrategy, TaskUpdate
+from pm_ray.core.strategies.options import StrategyOptionError, StrategyOptions
+from pm_ray.core.strategies.registry import (
     STRATEGIES,
-    MergeResult,
-    MergeStrategy,
-    TaskUpdate,
     available_strategies,
     build_strategy,
-    register,
+    check_options,
+    strategy_class,
 )
 
 __all__ = [
     "STRATEGIES",
     "MergeResult",
     "MergeStrategy",
+    "StrategyOptionError",
+    "StrategyOptions",
     "TaskUpdate",
     "available_strategies",
     "build_strategy",
-    "register",
+    "check_options",
+    "strategy_class",
 ]

@@ -14,16 +14,15 @@ add them across shards before dividing (two-phase solve); elementwise strategies
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from pm_ray.core.coefficient import Alpha, Partials
+from pm_ray.core.strategies.options import StrategyOptions, validate_options
 from pm_ray.core.tensors import (
     TensorDict,
     check_finite,
@@ -46,6 +45,20 @@ class TaskUpdate:
 
 
 @dataclass
+class WorkerStep:
+    """What a strategy with a worker-side step gets on every training worker once task t trained."""
+
+    model: Any  # the PEFT model with LoRA_t attached, weights W0 + start_t
+    w0: TensorDict  # frozen base weights of the adapted modules
+    merged_prev: TensorDict  # θ̂_{t-1} − W0 (zeros before the first task)
+    snapshots: list[dict[str, Any]]  # LoRA_t's factors after each of record_steps()
+    alpha: Alpha | None  # P&M's α_t from all merge shards (strategies with solves_line_alpha)
+    batches: list[dict[str, Any]]  # this rank's task-t batches (worker_batches of them)
+    grad_all_reduce: Callable[[Any], Any]  # sums a tensor over the ranks
+    world_size: int
+
+
+@dataclass
 class MergeResult:
     alpha: Alpha | None
     merged: TensorDict
@@ -53,13 +66,30 @@ class MergeResult:
 
 
 class MergeStrategy(ABC):
-    """Base class; subclasses set ``name`` and implement :meth:`_merge`."""
+    """Base class; subclasses set ``name`` and ``Options`` and implement :meth:`_merge`.
+
+    What a strategy is, for the code around it, is said by class-level flags (never by its name):
+
+    train_from          where task t+1 trains from: "merged" θ̂_t or the "expert" θ*_t
+    needs_fisher        the merge needs the task's diagonal Fisher F_t
+    solves_line_alpha   α_t = num/den from per-module partials, which a sharded merge sums across
+                        shards before dividing (:meth:`partials`, :meth:`solve_alpha`)
+    keeps_adapter_stack θ̂_t − W0 = Σ_i α_i Δ_i exactly, so the merge is also a stack of
+                        (α_i, adapter_i) pairs (merged/stack.json)
+    has_worker_step     the training workers run :meth:`worker_step` after task t trained and
+                        hand its extras to the merge (TRM's coefficient optimisation)
+    """
 
     name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     train_from: ClassVar[str] = "merged"  # "merged" | "expert"
     needs_fisher: ClassVar[bool] = False
+    solves_line_alpha: ClassVar[bool] = False
+    keeps_adapter_stack: ClassVar[bool] = False
+    has_worker_step: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
+        self.options = validate_options(self.name, self.Options, options)
         self.merged: TensorDict = {}
         self.start: TensorDict = {}
         self.num_tasks = 0
@@ -68,6 +98,32 @@ class MergeStrategy(ABC):
     def partials(self, update: TaskUpdate) -> Partials:
         """Per-module (num, den) for a two-phase solve; empty for elementwise strategies."""
         return {}
+
+    def solve_alpha(self, partials: Partials) -> Alpha:
+        """α_t from (num, den) partials summed over all modules' shards (solves_line_alpha)."""
+        raise NotImplementedError(f"{self.name} has no closed-form α (solves_line_alpha is False)")
+
+    # ---- the worker side (has_worker_step) --------------------------------------------------
+    def record_steps(self, steps_per_task: int) -> list[int]:
+        """Training steps (1-based) after which the workers record LoRA_t's factors for the
+        worker step; raises ValueError when ``steps_per_task`` cannot hold them."""
+        del steps_per_task
+        return []
+
+    @property
+    def worker_batches(self) -> int:
+        """Task-t batches per rank the worker step needs."""
+        return 0
+
+    @property
+    def global_alpha(self) -> bool:
+        """One α for every module (solves_line_alpha): a sharded merge solves it from all shards'
+        partials before any shard merges (two-phase)."""
+        return False
+
+    def worker_step(self, step: WorkerStep) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(extras for the merge, diagnostics), on every rank; ranks run it in lockstep."""
+        raise NotImplementedError(f"{self.name} has no worker step (has_worker_step is False)")
 
     def merge(self, update: TaskUpdate, *, alpha: Alpha | None = None) -> MergeResult:
         """Merge task ``update.task``; ``alpha`` overrides the coefficient (sharded solve)."""
@@ -125,32 +181,3 @@ class MergeStrategy(ABC):
         self.merged = split_prefixed(tensors, "merged")
         self.start = split_prefixed(tensors, "start")
         self.load_extra_state(tensors, meta)
-
-
-STRATEGIES: dict[str, type[MergeStrategy]] = {}
-
-
-def register(cls: type[MergeStrategy]) -> type[MergeStrategy]:
-    STRATEGIES[cls.name] = cls
-    return cls
-
-
-def available_strategies() -> list[str]:
-    return sorted(STRATEGIES)
-
-
-def build_strategy(name: str, **options: Any) -> MergeStrategy:
-    """Instantiate a registered strategy; unknown names or options suggest the closest valid one."""
-    if name not in STRATEGIES:
-        close = difflib.get_close_matches(name, STRATEGIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown merge strategy {name!r}{hint}; expected one of {available_strategies()}")
-    cls = STRATEGIES[name]
-    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in options:
-        if key not in params:
-            close = difflib.get_close_matches(key, params, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"merge strategy {name!r} has no option {key!r}{hint}; its options are {params}")
-    return cls(**options)
-

@@ -13,10 +13,12 @@ from __future__ import annotations
 import zlib
 
 import torch
+from pydantic import Field
 
 from pm_ray.core.coefficient import Alpha
-from pm_ray.core.strategies.base import TaskUpdate, register
+from pm_ray.core.strategies.base import TaskUpdate
 from pm_ray.core.strategies.expert_chain import ExpertChain
+from pm_ray.core.strategies.options import StrategyOptions
 from pm_ray.core.tensors import TensorDict
 
 
@@ -25,26 +27,25 @@ def dare_mask(shape: torch.Size, drop: float, *, seed: int, task: int, key: str)
     return (torch.rand(shape, generator=generator) >= drop).float()
 
 
-@register
 class Dare(ExpertChain):
     name = "dare"
     keeps_all_task_vectors = True
 
-    def __init__(self, drop: float = 0.5, lam: float = 1.0, seed: int = 0) -> None:
-        super().__init__()
-        if not 0.0 <= drop < 1.0:
-            raise ValueError(f"dare: drop={drop} must be in [0, 1)")
-        if lam <= 0:
-            raise ValueError(f"dare: lam={lam} must be > 0")
-        self.drop, self.lam, self.seed = float(drop), float(lam), int(seed)
+    class Options(StrategyOptions):
+        drop: float = Field(0.5, ge=0, lt=1)  # p: the drop probability
+        lam: float = Field(1.0, gt=0)  # λ
+        seed: int = 0  # of the masks (shards and re-runs draw the same masks)
+
+    options: Options
 
     def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, None]:
         tau = self.expert(update)
         history = self.remember(tau)
         merged: TensorDict = {}
+        drop, seed = self.options.drop, self.options.seed
         for key in tau:
             total = torch.zeros_like(tau[key])
             for i, t in enumerate(history, start=1):
-                total += dare_mask(t[key].shape, self.drop, seed=self.seed, task=i, key=key) * t[key] / (1.0 - self.drop)
-            merged[key] = self.lam * total / len(history)
+                total += dare_mask(t[key].shape, drop, seed=seed, task=i, key=key) * t[key] / (1.0 - drop)
+            merged[key] = self.options.lam * total / len(history)
         return merged, tau, None

@@ -18,8 +18,8 @@ class ExpertChain(MergeStrategy):
     train_from = "expert"
     keeps_all_task_vectors = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.task_vectors: list[TensorDict] = []
 
     def expert(self, update: TaskUpdate) -> TensorDict:

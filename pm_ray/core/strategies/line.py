@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import field_validator
+
 from pm_ray.core.coefficient import Alpha, CurvatureAccumulator, Partials, alpha_from_partials
-from pm_ray.core.strategies.base import MergeStrategy, TaskUpdate, register
+from pm_ray.core.strategies.base import MergeStrategy, TaskUpdate
+from pm_ray.core.strategies.options import StrategyOptions
 from pm_ray.core.tensors import TensorDict, split_prefixed, with_prefix
 
 
 class LineMerge(MergeStrategy):
+    keeps_adapter_stack = True
+
     def coefficient(self, update: TaskUpdate) -> Alpha:
         raise NotImplementedError
 
@@ -34,7 +39,6 @@ class LineMerge(MergeStrategy):
         """Hook for strategies that keep statistics of each finished task."""
 
 
-@register
 class Sequential(LineMerge):
     name = "sequential"
 
@@ -42,7 +46,6 @@ class Sequential(LineMerge):
         return 1.0
 
 
-@register
 class Average(LineMerge):
     name = "average"
 
@@ -50,31 +53,40 @@ class Average(LineMerge):
         return 1.0 / update.task
 
 
-@register
 class Fixed(LineMerge):
     name = "fixed"
 
-    def __init__(self, alpha: float = 0.5) -> None:
-        super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"fixed merge: alpha={alpha} is outside [0, 1]")
-        self.alpha = float(alpha)
+    class Options(StrategyOptions):
+        alpha: float = 0.5  # α_t for t >= 2 (α_1 = 1)
+
+        @field_validator("alpha")
+        @classmethod
+        def _unit(cls, value: float) -> float:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"alpha={value} is outside [0, 1]")
+            return value
+
+    options: Options
 
     def coefficient(self, update: TaskUpdate) -> Alpha:
-        return 1.0 if update.task == 1 else self.alpha
+        return 1.0 if update.task == 1 else self.options.alpha
 
 
-@register
 class PerturbAndMerge(LineMerge):
     """P&M stage 2 with the constant-memory accumulator (Φ, Ψ)."""
 
     name = "pm"
     needs_fisher = True
+    solves_line_alpha = True
 
-    def __init__(self, per_module: bool = False, clip: bool = True) -> None:
-        super().__init__()
-        self.per_module = per_module
-        self.clip = clip
+    class Options(StrategyOptions):
+        per_module: bool = False  # one α per adapted module instead of one global α
+        clip: bool = True  # α clipped to [0, 1]
+
+    options: Options
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.accumulator = CurvatureAccumulator()
 
     def partials(self, update: TaskUpdate) -> Partials:
@@ -82,8 +94,16 @@ class PerturbAndMerge(LineMerge):
         assert update.fisher is not None
         return self.accumulator.partials(update.delta, update.fisher, self.previous(update))
 
+    @property
+    def global_alpha(self) -> bool:
+        """One α for all modules: a sharded merge solves it from every shard's partials first."""
+        return not self.options.per_module
+
+    def solve_alpha(self, partials: Partials) -> Alpha:
+        return alpha_from_partials(partials, per_module=self.options.per_module, clip=self.options.clip)
+
     def coefficient(self, update: TaskUpdate) -> Alpha:
-        return alpha_from_partials(self.partials(update), per_module=self.per_module, clip=self.clip)
+        return self.solve_alpha(self.partials(update))
 
     def _after_merge(self, update: TaskUpdate, merged_prev: TensorDict) -> None:
         assert update.fisher is not None

@@ -12,22 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from pm_ray.core.coefficient import Alpha
-from pm_ray.core.strategies.base import TaskUpdate, register
+from pm_ray.core.strategies.base import TaskUpdate
 from pm_ray.core.strategies.expert_chain import ExpertChain
+from pm_ray.core.strategies.options import StrategyOptions
 from pm_ray.core.tensors import TensorDict, split_prefixed, with_prefix
 
 
-@register
 class MagMax(ExpertChain):
     name = "magmax"
 
-    def __init__(self, lam: float = 0.5) -> None:
-        super().__init__()
-        if lam <= 0:
-            raise ValueError(f"magmax: lam={lam} must be > 0")
-        self.lam = float(lam)
+    class Options(StrategyOptions):
+        lam: float = Field(0.5, gt=0)  # λ
+
+    options: Options
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.max_abs: TensorDict = {}
 
     def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, None]:
@@ -38,7 +41,7 @@ class MagMax(ExpertChain):
             }
         else:
             self.max_abs = {key: t.clone() for key, t in tau.items()}
-        merged = {key: self.lam * m for key, m in self.max_abs.items()}
+        merged = {key: self.options.lam * m for key, m in self.max_abs.items()}
         return merged, tau, None
 
     def extra_state(self) -> TensorDict:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from pm_ray.core.coefficient import Alpha
-from pm_ray.core.strategies.base import TaskUpdate, register
+from pm_ray.core.strategies.base import TaskUpdate
 from pm_ray.core.strategies.expert_chain import ExpertChain
+from pm_ray.core.strategies.options import StrategyOptions
 from pm_ray.core.tensors import TensorDict
 
 
@@ -39,21 +41,18 @@ def ties_merge(task_vectors: list[torch.Tensor], density: float) -> torch.Tensor
     return (trimmed * agree).sum(dim=0) / count
 
 
-@register
 class Ties(ExpertChain):
     name = "ties"
     keeps_all_task_vectors = True
 
-    def __init__(self, density: float = 0.2, lam: float = 0.55) -> None:
-        super().__init__()
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"ties: density={density} must be in (0, 1]")
-        if lam <= 0:
-            raise ValueError(f"ties: lam={lam} must be > 0")
-        self.density, self.lam = float(density), float(lam)
+    class Options(StrategyOptions):
+        density: float = Field(0.2, gt=0, le=1)  # k: the fraction of each τ_i kept by trim
+        lam: float = Field(0.55, gt=0)  # λ
+
+    options: Options
 
     def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, None]:
         tau = self.expert(update)
         history = self.remember(tau)
-        merged = {key: self.lam * ties_merge([t[key] for t in history], self.density) for key in tau}
+        merged = {key: self.options.lam * ties_merge([t[key] for t in history], self.options.density) for key in tau}
         return merged, tau, None

@@ -18,48 +18,94 @@ current merged model.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from pm_ray.core.coefficient import Alpha
-from pm_ray.core.strategies.base import TaskUpdate, register
+import torch
+from pydantic import Field, model_validator
+
+from pm_ray.core.coefficient import Alpha, alpha_stats
+from pm_ray.core.strategies.base import TaskUpdate, WorkerStep
 from pm_ray.core.strategies.line import PerturbAndMerge
 from pm_ray.core.tensors import TensorDict, check_finite, check_same_layout
-from pm_ray.core.trm import TRMSettings, expert_coefficient, layer_groups
+from pm_ray.core.trm import (
+    TRMSettings,
+    combine,
+    expert_coefficient,
+    initial_coefficients,
+    layer_groups,
+    optimize_coefficients,
+    snapshot_steps,
+    trajectory_directions,
+)
 
 
-@register
 class TrajectoryRegularisedMerge(PerturbAndMerge):
     """P&M's accumulator and fallback, with the merged delta taken from the workers when given.
 
-    The TRM options (``settings``) are not used by the merge itself: the pipeline reads them to
-    record the snapshots and drive :func:`pm_ray.core.trm.optimize_coefficients` on the workers.
+    The TRM options beyond P&M's are not used by the merge itself: the workers read them
+    (``settings``) to record the snapshots and drive :func:`pm_ray.core.trm.optimize_coefficients`.
     """
 
     name = "trm"
     needs_fisher = True
+    keeps_adapter_stack = False  # θ(c) lies in the trajectory subspace, not on Σ α_i Δ_i
+    has_worker_step = True
 
-    def __init__(
-        self,
-        per_module: bool = False,
-        clip: bool = True,
-        snapshots: int = 4,
-        steps: int = 30,
-        lr: float = 0.05,
-        align_weight: float = 1.0,
-        consistency_weight: float = 1.0,
-        responsiveness_weight: float = 0.1,
-        per_group: bool = False,
-    ) -> None:
-        super().__init__(per_module=per_module, clip=clip)
-        self.settings = TRMSettings(
-            snapshots=snapshots,
-            steps=steps,
-            lr=lr,
-            align_weight=align_weight,
-            consistency_weight=consistency_weight,
-            responsiveness_weight=responsiveness_weight,
-            per_group=per_group,
-        )
+    class Options(PerturbAndMerge.Options):
+        snapshots: int = Field(4, ge=1)  # K: LoRA_t recorded after ⌊i·steps/K⌋ steps, i = 1..K
+        steps: int = Field(30, ge=0)  # Adam steps on c
+        lr: float = Field(0.05, gt=0)
+        align_weight: float = Field(1.0, ge=0)
+        consistency_weight: float = Field(1.0, ge=0)
+        responsiveness_weight: float = Field(0.1, ge=0)
+        per_group: bool = False  # one c per transformer layer instead of one global c
+
+        @model_validator(mode="after")
+        def _settings(self) -> TrajectoryRegularisedMerge.Options:
+            TRMSettings(**self.settings_kwargs())  # e.g. all objective weights 0
+            return self
+
+        def settings_kwargs(self) -> dict[str, Any]:
+            return self.model_dump(exclude={"per_module", "clip"})
+
+    options: Options
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.settings = TRMSettings(**self.options.settings_kwargs())
+
+    @property
+    def worker_batches(self) -> int:  # type: ignore[override]
+        return max(1, min(self.settings.steps, 4))
+
+    def record_steps(self, steps_per_task: int) -> list[int]:
+        k = self.settings.snapshots
+        if steps_per_task < k:
+            raise ValueError(f"trm records LoRA_t after each of merge.options.snapshots={k} steps, more than the "
+                             f"{steps_per_task} training steps; lower the snapshots or raise trainer.steps_per_task")
+        return snapshot_steps(steps_per_task, k)
+
+    def worker_step(self, step: WorkerStep) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Optimise c on the trajectory subspace, starting from P&M's α_t (every rank in lockstep,
+        the gradient of c all-reduced); θ(c), c and the reported α_t = c_K go to the merge."""
+        s = self.settings
+        if step.alpha is None:
+            raise ValueError("trm: the worker step needs P&M's alpha_t as its starting point")
+        directions = trajectory_directions(step.merged_prev, step.snapshots)
+        groups = layer_groups(list(step.w0)) if s.per_group else None
+        c_init = initial_coefficients(s.snapshots, step.alpha, groups)
+        with step.model.disable_adapter():
+            c, log = optimize_coefficients(step.model, directions, step.w0, step.batches, c_init, s,
+                                           grad_all_reduce=step.grad_all_reduce, world_size=step.world_size, groups=groups)
+        c = c.cpu()
+        merged = {key: value.cpu() for key, value in combine(directions, c, groups).items()}
+        # per module when per_group: the merge client splits it by shard like the delta
+        extras = {"merged": merged, "coefficients": c, "alpha": expert_coefficient(c, groups)}
+        diag: dict[str, Any] = {"trm_alpha_pm": alpha_stats(step.alpha)[0], "trm_coefficients": c.tolist()}
+        if log:
+            diag.update({f"trm_{k}_start": v for k, v in log[0].items() if k != "step"})
+            diag.update({f"trm_{k}_end": v for k, v in log[-1].items() if k != "step"})
+        return extras, diag
 
     def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, Alpha | None]:
         if "merged" not in update.extras:
