@@ -23,7 +23,9 @@ def stream(seed: int = 0, scales: tuple[float, ...] = (1.0, 30.0, 0.05, 4.0)):
 
 
 def run(strategy, deltas, fishers):
-    return [strategy.merge(TaskUpdate(task=t, delta=d, fisher=f)) for t, (d, f) in enumerate(zip(deltas, fishers), start=1)]
+    return [
+        strategy.merge(TaskUpdate(task=t, delta=d, fisher=f)) for t, (d, f) in enumerate(zip(deltas, fishers), start=1)
+    ]
 
 
 def literal(deltas, fishers, *, damping=0.0, blend=1.0, normalize_fisher=False, decay=1.0, per_module=False):
@@ -68,18 +70,23 @@ def history(deltas, fishers, results, normalize_fisher=False):
     for d, r in zip(deltas, results):
         experts.append({k: prev[k].double() + d[k].double() for k in KEYS})
         prev = r.merged
-    tilde = [{k: f[k].double() / f[k].double().mean() if normalize_fisher else f[k].double() for k in KEYS} for f in fishers]
+    tilde = [
+        {k: f[k].double() / f[k].double().mean() if normalize_fisher else f[k].double() for k in KEYS} for f in fishers
+    ]
     return experts, tilde
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"damping": 0.0},
-    {"damping": 0.1, "blend": 0.3},
-    {"normalize_fisher": True, "damping": 0.01},
-    {"decay": 0.5, "blend": 0.7},
-    {"normalize_fisher": True, "decay": 0.8, "damping": 0.05, "blend": 0.6, "per_module": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"damping": 0.0},
+        {"damping": 0.1, "blend": 0.3},
+        {"normalize_fisher": True, "damping": 0.01},
+        {"decay": 0.5, "blend": 0.7},
+        {"normalize_fisher": True, "decay": 0.8, "damping": 0.05, "blend": 0.6, "per_module": True},
+    ],
+)
 def test_matches_the_literal_form_that_keeps_every_task(options) -> None:
     deltas, fishers = stream(1)
     results = run(build_strategy("fisher_elementwise", **options), deltas, fishers)
@@ -94,14 +101,20 @@ def test_matches_the_literal_form_that_keeps_every_task(options) -> None:
 def test_decay_one_and_no_normalisation_are_the_plain_form() -> None:
     deltas, fishers = stream(2)
     plain = run(build_strategy("fisher_elementwise", damping=0.0), deltas, fishers)
-    explicit = run(build_strategy("fisher_elementwise", damping=0.0, decay=1.0, normalize_fisher=False, blend=1.0), deltas, fishers)
+    explicit = run(
+        build_strategy("fisher_elementwise", damping=0.0, decay=1.0, normalize_fisher=False, blend=1.0), deltas, fishers
+    )
     experts, tilde = history(deltas, fishers, plain)
     for t, (p, e) in enumerate(zip(plain, explicit), start=1):
         for k in KEYS:
             assert torch.equal(p.merged[k], e.merged[k])
             fisher_sum = sum(f[k] for f in tilde[:t])
-            torch.testing.assert_close(p.merged[k].double(), sum(f[k] * x[k] for f, x in zip(tilde[:t], experts[:t])) / fisher_sum,
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                p.merged[k].double(),
+                sum(f[k] * x[k] for f, x in zip(tilde[:t], experts[:t])) / fisher_sum,
+                rtol=1e-5,
+                atol=1e-6,
+            )
 
 
 @pytest.mark.parametrize("options", [{"damping": 0.0}, {"damping": 0.2, "decay": 0.7, "normalize_fisher": True}])
@@ -117,7 +130,7 @@ def test_minimises_the_quadratic_objective_dense_solve(options) -> None:
         weights = [gamma ** (t - i) for i in range(1, t + 1)]
         lams = {k: damping * float(sum(w * f[k] for w, f in zip(weights, tilde[:t])).mean()) for k in KEYS}
 
-        def q_flat(x):
+        def q_flat(x, t=t, weights=weights, lams=lams):
             parts = dict(zip(KEYS, torch.split(x, list(sizes.values()))))
             theta = {k: parts[k].view(KEYS[k]) for k in KEYS}
             return objective(theta, experts[:t], tilde[:t], weights, lams)
@@ -149,7 +162,9 @@ def test_beats_the_line_optimum_on_the_objective(seed, damping) -> None:
         weights = [1.0] * t
         lams = {k: damping * float(sum(f[k] for f in tilde[:t]).mean()) for k in KEYS}
         q_elem = objective(r.merged, experts[:t], tilde[:t], weights, lams)
-        line = [{k: prev[k] + a * deltas[t - 1][k] for k in KEYS} for a in [r.alpha] + torch.linspace(-1, 2, 61).tolist()]
+        line = [
+            {k: prev[k] + a * deltas[t - 1][k] for k in KEYS} for a in [r.alpha] + torch.linspace(-1, 2, 61).tolist()
+        ]
         q_line = min(float(objective(theta, experts[:t], tilde[:t], weights, lams)) for theta in line)
         assert float(q_elem) <= q_line + 1e-9
         strict += float(q_elem) < q_line - 1e-6
@@ -177,8 +192,15 @@ def test_blend_one_is_the_elementwise_optimum() -> None:
             phi = sum(f[k] for f in tilde[:t])
             psi = sum(f[k] * e[k] for f, e in zip(tilde[:t], experts[:t]))
             torch.testing.assert_close(r.merged[k].double(), psi / (phi + 0.05 * phi.mean()), rtol=1e-5, atol=1e-6)
-        assert r.alpha == pytest.approx(optimal_alpha(deltas[t - 1], results[t - 2].merged if t > 1 else
-                                                      {k: torch.zeros(s) for k, s in KEYS.items()}, experts[:t], tilde[:t]), abs=1e-6)
+        assert r.alpha == pytest.approx(
+            optimal_alpha(
+                deltas[t - 1],
+                results[t - 2].merged if t > 1 else {k: torch.zeros(s) for k, s in KEYS.items()},
+                experts[:t],
+                tilde[:t],
+            ),
+            abs=1e-6,
+        )
 
 
 def test_normalisation_makes_the_merge_independent_of_a_tasks_fisher_scale() -> None:
@@ -210,7 +232,9 @@ def test_flat_curvature_keeps_the_line_value() -> None:
         f["b.v_proj"].zero_()  # a module with no curvature at all
     for damping in (0.0, 0.1):
         with pytest.warns(RuntimeWarning, match="α set to 0.0 there"):  # the line α of b.v_proj
-            results = run(build_strategy("fisher_elementwise", damping=damping, blend=1.0, per_module=True), deltas, fishers)
+            results = run(
+                build_strategy("fisher_elementwise", damping=damping, blend=1.0, per_module=True), deltas, fishers
+            )
         prev = {k: torch.zeros(s) for k, s in KEYS.items()}
         for t, r in enumerate(results, start=1):
             line = {k: prev[k] + r.alpha[k] * deltas[t - 1][k] for k in KEYS}
@@ -221,8 +245,10 @@ def test_flat_curvature_keeps_the_line_value() -> None:
             prev = r.merged
 
 
-@pytest.mark.parametrize("options", [{"blend": 0.4, "decay": 0.6, "normalize_fisher": True},
-                                     {"blend": 0.4, "per_module": True, "damping": 0.1}])
+@pytest.mark.parametrize(
+    "options",
+    [{"blend": 0.4, "decay": 0.6, "normalize_fisher": True}, {"blend": 0.4, "per_module": True, "damping": 0.1}],
+)
 def test_two_shards_equal_one(options) -> None:
     """Modules split over two strategy instances; a global α from both shards' summed partials."""
     deltas, fishers = stream(9)
@@ -260,25 +286,34 @@ def test_resume_with_decay_and_normalisation(tmp_path) -> None:
     assert all(torch.equal(r.merged[k], uninterrupted[-1].merged[k]) for k in KEYS)
 
 
-@pytest.mark.parametrize("options,needle", [
-    ({"blend": 1.5}, "blend=1.5 must be <= 1"),
-    ({"blend": -0.1}, "blend=-0.1 must be >= 0"),
-    ({"decay": 0.0}, "decay=0.0 must be > 0"),
-    ({"decay": 1.2}, "decay=1.2 must be <= 1"),
-    ({"damping": -1.0}, "damping=-1.0 must be >= 0"),
-    ({"dampnig": 0.1}, "has no option 'dampnig'; did you mean 'damping'?"),
-])
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"blend": 1.5}, "blend=1.5 must be <= 1"),
+        ({"blend": -0.1}, "blend=-0.1 must be >= 0"),
+        ({"decay": 0.0}, "decay=0.0 must be > 0"),
+        ({"decay": 1.2}, "decay=1.2 must be <= 1"),
+        ({"damping": -1.0}, "damping=-1.0 must be >= 0"),
+        ({"dampnig": 0.1}, "has no option 'dampnig'; did you mean 'damping'?"),
+    ],
+)
 def test_bad_options(options, needle) -> None:
     with pytest.raises(StrategyOptionError) as err:
         build_strategy("fisher_elementwise", **options)
     assert needle in str(err.value)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("merge.options.blend=1.5", "merge.options.blend: fisher_elementwise: blend=1.5 must be <= 1"),
-    ("merge.options.decay=0", "merge.options.decay: fisher_elementwise: decay=0 must be > 0"),
-    ("merge.options.normalize_fisher=maybe", "merge.options.normalize_fisher: fisher_elementwise: normalize_fisher='maybe'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("merge.options.blend=1.5", "merge.options.blend: fisher_elementwise: blend=1.5 must be <= 1"),
+        ("merge.options.decay=0", "merge.options.decay: fisher_elementwise: decay=0 must be > 0"),
+        (
+            "merge.options.normalize_fisher=maybe",
+            "merge.options.normalize_fisher: fisher_elementwise: normalize_fisher='maybe'",
+        ),
+    ],
+)
 def test_bad_options_at_config_load(override, needle) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, ["merge.strategy=fisher_elementwise", override])
