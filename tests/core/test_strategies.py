@@ -34,7 +34,7 @@ def elements(shape):
 
 
 def test_registry() -> None:
-    assert available_strategies() == ["average", "dare", "fixed", "magmax", "pm", "sequential", "ties", "trm"]
+    assert available_strategies() == ["average", "dare", "fisher_elementwise", "fixed", "magmax", "pm", "sequential", "ties", "trm"]
     with pytest.raises(ValueError, match="unknown merge strategy 'magmx'.*did you mean 'magmax'"):
         build_strategy("magmx")
     with pytest.raises(ValueError, match="has no option 'lamda'.*did you mean 'lam'"):
@@ -218,6 +218,7 @@ def test_strategies_say_what_they_are() -> None:
         "average": ("merged", False, False, True, False),
         "fixed": ("merged", False, False, True, False),
         "pm": ("merged", True, True, True, False),
+        "fisher_elementwise": ("merged", True, True, False, False),
         "trm": ("merged", True, True, False, True),
         "magmax": ("expert", False, False, False, False),
         "ties": ("expert", False, False, False, False),

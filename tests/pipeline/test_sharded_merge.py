@@ -23,7 +23,8 @@ def test_shard_keys_partition() -> None:
     assert all(parts) and len(parts) == 3
 
 
-@pytest.mark.parametrize("strategy,options", [("pm", {}), ("pm", {"per_module": True}), ("ties", {}), ("magmax", {})])
+@pytest.mark.parametrize("strategy,options", [("pm", {}), ("pm", {"per_module": True}), ("ties", {}), ("magmax", {}),
+                                              ("fisher_elementwise", {"blend": 0.5, "decay": 0.8, "normalize_fisher": True})])
 def test_two_actors_equal_one(ray_session, tmp_path, strategy, options) -> None:
     gen = torch.Generator().manual_seed(0)
     shapes = {f"layers.{i}.{p}": (3, 4) for i in range(3) for p in ("k_proj", "v_proj")}
@@ -47,10 +48,10 @@ def test_two_actors_equal_one(ray_session, tmp_path, strategy, options) -> None:
         for actor in actors:
             ray_session.kill(actor)
     (a1, m1), (a2, m2) = results[1], results[2]
-    if strategy == "pm":
+    if strategy in ("pm", "fisher_elementwise"):
         for x, y in zip(a1, a2):
             assert x == pytest.approx(y, abs=1e-9)
-        assert a1[0] == (pytest.approx(1.0) if not options else pytest.approx({k: 1.0 for k in shapes}))
+        assert a1[0] == (pytest.approx({k: 1.0 for k in shapes}) if options.get("per_module") else pytest.approx(1.0))
     for key in shapes:
         torch.testing.assert_close(m1[key], m2[key], rtol=1e-6, atol=1e-7)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pm_ray.core.strategies.base import MergeStrategy
 from pm_ray.core.strategies.dare import Dare
+from pm_ray.core.strategies.elementwise import FisherElementwise
 from pm_ray.core.strategies.line import Average, Fixed, PerturbAndMerge, Sequential
 from pm_ray.core.strategies.magmax import MagMax
 from pm_ray.core.strategies.options import StrategyOptions, validate_options
@@ -22,6 +23,7 @@ STRATEGIES: dict[str, type[MergeStrategy]] = {
     "average": Average,
     "fixed": Fixed,
     "pm": PerturbAndMerge,
+    "fisher_elementwise": FisherElementwise,
     "trm": TrajectoryRegularisedMerge,
     "magmax": MagMax,
     "ties": Ties,
