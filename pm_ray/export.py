@@ -149,7 +149,7 @@ def export_adapter(run_dir: Path, out: Path, *, rank: int | None = None) -> dict
     merged/stack.json) unless `rank` is given; otherwise a truncated SVD per module at `rank`
     (default: the sum of the task adapters' ranks). Returns adapter_error.json's content."""
     from pm_ray.models.backbone import load_backbone
-    from pm_ray.train.loop import DTYPES
+    from pm_ray.models.backbone import DTYPES
 
     run = RunDir(run_dir)
     state = run.read_state()

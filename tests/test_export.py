@@ -23,7 +23,6 @@ from pm_ray.models.backbone import BUNDLED
 from pm_ray.models.packages import package_dir
 from pm_ray.pipeline import run_continual
 from pm_ray.rundir import RunDir
-from pm_ray.train.loop import load_tasks
 from tinyconfig import tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -149,7 +148,7 @@ def test_bundled_gguf_model_exports_as_a_plain_checkpoint_with_the_same_scores(t
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     merged, merged_tokenizer, run = load_merged_model(run_dir)
-    task = load_tasks(run, run.read_state())[0]
+    task = run.load_tasks(run.read_state())[0]
     rows = task.test.slice(0, 3).to_pylist()
     expected = choice_scores(merged, merged_tokenizer, rows, batch_size=4, max_length=128)
     got = choice_scores(exported, tokenizer, rows, batch_size=4, max_length=128)
