@@ -58,11 +58,17 @@ def stream_table(demo: list[dict], zero_shot: dict[str, float]) -> str:
 
 
 def read_probe(path: Path) -> dict:
-    """A probe's JSON, or the progress lines of an interrupted probe (.jsonl): zero-shot of every
+    """A probe's final JSON, or the progress lines of an interrupted probe: zero-shot of every
     candidate, and "trained alone" for the tasks it reached (the others are left out)."""
-    if path.suffix != ".jsonl":
-        return json.loads(path.read_text())
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text, decoder, lines, at = path.read_text(), json.JSONDecoder(), [], 0
+    while at < len(text):  # the probe prints progress lines, then (when it finishes) the whole result
+        if text[at].isspace():
+            at += 1
+            continue
+        value, at = decoder.raw_decode(text, at)
+        lines.append(value)
+    if "after_own_training" in lines[-1]:
+        return lines[-1]
     zero = next(x["zero_shot"] for x in lines if "zero_shot" in x)
     own = {x["after"]: x["scores"][x["after"]] for x in lines if "after" in x}
     train, test = SIZES["quick"]
@@ -75,7 +81,7 @@ def read_probe(path: Path) -> dict:
 def main() -> None:
     demo = json.loads(Path(sys.argv[1]).read_text())
     probes = [read_probe(Path(p)) for p in sys.argv[2:]]
-    zero_shot = {name: p["zero_shot"][name]["score"] for p in probes for name in p["tasks"]}
+    zero_shot = {name: r["score"] for p in probes for name, r in p["zero_shot"].items()}
     cfg = probes[0]["config"]
     block = "\n".join([
         "#### The stream under sequential fine-tuning (`make demo`'s sequential run)\n",
