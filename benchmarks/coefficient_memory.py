@@ -53,17 +53,23 @@ def main() -> None:
         experts.append(expert)
         fishers.append(fisher)
         merged = {k: merged[k] + a_acc * delta[k] for k in keys}
-    print(json.dumps({
-        "benchmark": "coefficient_memory",
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "tasks": args.tasks,
-        "adapted_params": len(keys) * shape[0] * shape[1],
-        "reference_state_bytes": nbytes(experts) + nbytes(fishers),
-        "accumulator_state_bytes": nbytes([acc.phi, acc.psi]),
-        "memory_ratio_reference_over_accumulator": (nbytes(experts) + nbytes(fishers)) / nbytes([acc.phi, acc.psi]),
-        "solve_s_last_task": {"reference": round(ref_s, 4), "accumulator": round(acc_s, 4)},
-        "max_abs_alpha_difference": max_diff,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "coefficient_memory",
+                "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+                "tasks": args.tasks,
+                "adapted_params": len(keys) * shape[0] * shape[1],
+                "reference_state_bytes": nbytes(experts) + nbytes(fishers),
+                "accumulator_state_bytes": nbytes([acc.phi, acc.psi]),
+                "memory_ratio_reference_over_accumulator": (nbytes(experts) + nbytes(fishers))
+                / nbytes([acc.phi, acc.psi]),
+                "solve_s_last_task": {"reference": round(ref_s, 4), "accumulator": round(acc_s, 4)},
+                "max_abs_alpha_difference": max_diff,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,13 +56,20 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         results[mode] = {"median_step_s": statistics.median(times[2:]), "forwards_per_step": forwards[0] / args.steps}
     base = results["none"]["median_step_s"]
-    print(json.dumps({
-        "benchmark": "perturbation_overhead",
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "model": args.model, "batch": [args.batch_size, args.seq_len], "steps": args.steps,
-        "modes": results,
-        "ratio_to_none": {m: round(r["median_step_s"] / base, 3) for m, r in results.items()},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "perturbation_overhead",
+                "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+                "model": args.model,
+                "batch": [args.batch_size, args.seq_len],
+                "steps": args.steps,
+                "modes": results,
+                "ratio_to_none": {m: round(r["median_step_s"] / base, 3) for m, r in results.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

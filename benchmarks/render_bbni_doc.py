@@ -35,11 +35,23 @@ def candidate_table(probes: list[dict]) -> str:
     for probe in probes:
         for name, result in probe["zero_shot"].items():
             n, zero, own = result["total"], result["score"], probe["after_own_training"].get(name)
-            rows.append([name, probe["rows"][name]["train"], n, result["metric"], f"{zero:.2f} ± {stderr(zero, n):.2f}",
-                         "-" if own is None else f"{own:.2f} ± {stderr(own, n):.2f}",
-                         "-" if own is None else f"{own - zero:+.2f}", "yes" if name in BBNI_TASKS else "no"])
-    return tabulate(rows, headers=["candidate", "train rows", "test rows", "metric", "zero-shot",
-                                   "trained alone", "gain", "in bbni"], tablefmt="github")
+            rows.append(
+                [
+                    name,
+                    probe["rows"][name]["train"],
+                    n,
+                    result["metric"],
+                    f"{zero:.2f} ± {stderr(zero, n):.2f}",
+                    "-" if own is None else f"{own:.2f} ± {stderr(own, n):.2f}",
+                    "-" if own is None else f"{own - zero:+.2f}",
+                    "yes" if name in BBNI_TASKS else "no",
+                ]
+            )
+    return tabulate(
+        rows,
+        headers=["candidate", "train rows", "test rows", "metric", "zero-shot", "trained alone", "gain", "in bbni"],
+        tablefmt="github",
+    )
 
 
 def stream_table(demo: list[dict], zero_shot: dict[str, float]) -> str:
@@ -50,11 +62,30 @@ def stream_table(demo: list[dict], zero_shot: dict[str, float]) -> str:
         n = seq["test_rows"][name]
         learned, final = R[i][i], R[-1][i]
         zero = zero_shot.get(name)
-        rows.append([i + 1, name, n, "-" if zero is None else f"{zero:.2f}",
-                     f"{learned:.2f} ± {stderr(learned, n):.2f}", f"{final:.2f} ± {stderr(final, n):.2f}",
-                     f"{max(R[l][i] for l in range(i, len(R))) - final:.2f}"])
-    return tabulate(rows, headers=["#", "task", "test rows", "zero-shot", "right after learning it (sequential)",
-                                   "after the stream (sequential)", "forgetting"], tablefmt="github")
+        rows.append(
+            [
+                i + 1,
+                name,
+                n,
+                "-" if zero is None else f"{zero:.2f}",
+                f"{learned:.2f} ± {stderr(learned, n):.2f}",
+                f"{final:.2f} ± {stderr(final, n):.2f}",
+                f"{max(R[l][i] for l in range(i, len(R))) - final:.2f}",
+            ]
+        )
+    return tabulate(
+        rows,
+        headers=[
+            "#",
+            "task",
+            "test rows",
+            "zero-shot",
+            "right after learning it (sequential)",
+            "after the stream (sequential)",
+            "forgetting",
+        ],
+        tablefmt="github",
+    )
 
 
 def read_probe(path: Path) -> dict:
@@ -72,10 +103,14 @@ def read_probe(path: Path) -> dict:
     zero = next(x["zero_shot"] for x in lines if "zero_shot" in x)
     own = {x["after"]: x["scores"][x["after"]] for x in lines if "after" in x}
     train, test = SIZES["quick"]
-    return {"tasks": list(own), "config": next(x["config"] for x in lines if "config" in x),
-            "rows": {k: {"train": train, "test": test} for k in zero},
-            "zero_shot": {k: {"score": v, "total": test, "metric": "-"} for k, v in zero.items()},
-            "after_own_training": own, "zero_shot_only": [k for k in zero if k not in own]}
+    return {
+        "tasks": list(own),
+        "config": next(x["config"] for x in lines if "config" in x),
+        "rows": {k: {"train": train, "test": test} for k in zero},
+        "zero_shot": {k: {"score": v, "total": test, "metric": "-"} for k, v in zero.items()},
+        "after_own_training": own,
+        "zero_shot_only": [k for k in zero if k not in own],
+    }
 
 
 def main() -> None:
@@ -83,15 +118,17 @@ def main() -> None:
     probes = [read_probe(Path(p)) for p in sys.argv[2:]]
     zero_shot = {name: r["score"] for p in probes for name, r in p["zero_shot"].items()}
     cfg = probes[0]["config"]
-    block = "\n".join([
-        "#### The stream under sequential fine-tuning (`make demo`'s sequential run)\n",
-        stream_table(demo, zero_shot),
-        "\n#### Candidates: zero-shot and trained alone from the base model\n",
-        f"Budget: {cfg['steps']} steps of {cfg['batch_size']} sequences, lr {cfg['lr']}, rank-{cfg['rank']} LoRA "
-        "on k,v, in one process (`benchmarks/suite_difficulty.py --probe`). ± is the standard error "
-        "sqrt(p(1-p)/n) over the test rows.\n",
-        candidate_table(probes),
-    ])
+    block = "\n".join(
+        [
+            "#### The stream under sequential fine-tuning (`make demo`'s sequential run)\n",
+            stream_table(demo, zero_shot),
+            "\n#### Candidates: zero-shot and trained alone from the base model\n",
+            f"Budget: {cfg['steps']} steps of {cfg['batch_size']} sequences, lr {cfg['lr']}, rank-{cfg['rank']} LoRA "
+            "on k,v, in one process (`benchmarks/suite_difficulty.py --probe`). ± is the standard error "
+            "sqrt(p(1-p)/n) over the test rows.\n",
+            candidate_table(probes),
+        ]
+    )
     replace_block(ROOT / "docs" / "bbni.md", "bbni-tables", block)
     print(block)
 

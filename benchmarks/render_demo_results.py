@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from doc_blocks import replace_block
+
 from pm_ray.compare import comparison_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +26,10 @@ def render(payload: list[dict], *, wall_s: float | None, machine: str) -> str:
     matrices = {r["strategy"]: (r["tasks"], r["accuracy"]) for r in payload}
     report = comparison_report(rows, matrices, payload[-1]["test_rows"])
     when = f" in {wall_s:.0f} s" if wall_s is not None else ""
-    return (f"`make demo` (jobs/demo.yaml), measured{when} on {machine}; one seed, so read differences "
-            f"against the resolution given by the test rows.\n\n{report.replace('### ', '#### ')}")
+    return (
+        f"`make demo` (jobs/demo.yaml), measured{when} on {machine}; one seed, so read differences "
+        f"against the resolution given by the test rows.\n\n{report.replace('### ', '#### ')}"
+    )
 
 
 def main() -> None:

@@ -47,22 +47,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--full-matrix", action="store_true",
-                   help="after each task evaluate every seen task (default: the new task only, all at the end)")
+    p.add_argument(
+        "--full-matrix",
+        action="store_true",
+        help="after each task evaluate every seen task (default: the new task only, all at the end)",
+    )
     p.add_argument("--probe", action="store_true", help="train each task separately from the base model")
     return p.parse_args()
 
 
-def train_lora(model: torch.nn.Module, tokenizer: Any, task: Any, args: argparse.Namespace,
-               stats: TruncationStats) -> tuple[torch.nn.Module, list[float]]:
+def train_lora(
+    model: torch.nn.Module, tokenizer: Any, task: Any, args: argparse.Namespace, stats: TruncationStats
+) -> tuple[torch.nn.Module, list[float]]:
     """Attach a fresh rank-r LoRA (k,v), train `args.steps` steps, fold it into the weights."""
     peft_model = attach_lora(model, rank=args.rank, alpha=args.alpha, targets=None)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     peft_model.train()
     losses = []
-    batches = batch_iterator(task, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
-                             seed=args.seed, stats=stats)
+    batches = batch_iterator(
+        task, tokenizer, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, stats=stats
+    )
     for _ in range(args.steps):
         batch = next(batches)
         loss = peft_model(**batch).loss
@@ -76,8 +81,15 @@ def train_lora(model: torch.nn.Module, tokenizer: Any, task: Any, args: argparse
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, task: Any, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
-    r = evaluate_task(model, tokenizer, task, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
-                      max_rows=args.eval_rows, max_length=args.max_length)
+    r = evaluate_task(
+        model,
+        tokenizer,
+        task,
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_rows=args.eval_rows,
+        max_length=args.max_length,
+    )
     r["seconds"] = round(time.time() - t0, 1)
     return r
 
@@ -94,10 +106,17 @@ def main() -> None:
     stats = TruncationStats()
     model, tokenizer = load_backbone(args.model)
     names = [t.name for t in tasks]
-    out: dict[str, Any] = {"config": vars(args), "tasks": names,
-                           "rows": {t.name: {"train": t.train.num_rows, "test": t.test.num_rows} for t in tasks},
-                           "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                       "torch_threads": torch.get_num_threads(), "torch": torch.__version__}}
+    out: dict[str, Any] = {
+        "config": vars(args),
+        "tasks": names,
+        "rows": {t.name: {"train": t.train.num_rows, "test": t.test.num_rows} for t in tasks},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    }
     zero_shot = {t.name: evaluate(model, tokenizer, t, args) for t in tasks}
     out["zero_shot"] = zero_shot
     print(json.dumps({"zero_shot": {k: v["score"] for k, v in zero_shot.items()}}), flush=True)
@@ -117,9 +136,17 @@ def main() -> None:
         row = {t.name: evaluate(model, tokenizer, t, args) for t in seen}
         own[task.name] = row[task.name]["score"]
         matrix.append({k: v["score"] for k, v in row.items()})
-        print(json.dumps({"after": task.name, "train_s": round(train_s, 1),
-                          "loss_first_last": [losses[task.name][0], losses[task.name][-1]],
-                          "scores": matrix[-1]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "after": task.name,
+                    "train_s": round(train_s, 1),
+                    "loss_first_last": [losses[task.name][0], losses[task.name][-1]],
+                    "scores": matrix[-1],
+                }
+            ),
+            flush=True,
+        )
     out["after_own_training"] = own
     out["loss_curves"] = losses
     if not args.probe:

@@ -56,8 +56,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_adapter(Path(args.run_dir), Path(args.out), rank=args.rank)
     for module, info in report["modules"].items():
         print(f"{module}  rank {info['rank']}  relative error {info['relative_error']:.3e}")
-    print(f"exported merged model as one LoRA adapter ({report['method']}, rank {report['rank']}, max relative error "
-          f"{report['max_relative_error']:.3e}) to {Path(args.out).expanduser().resolve()}")
+    print(
+        f"exported merged model as one LoRA adapter ({report['method']}, rank {report['rank']}, max relative error "
+        f"{report['max_relative_error']:.3e}) to {Path(args.out).expanduser().resolve()}"
+    )
     return EXIT_OK
 
 
@@ -81,18 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--max-rows", type=int, default=None)
     ev.set_defaults(fn=_cmd_eval)
-    ex = sub.add_parser("export", help="write the merged model as a dense Hugging Face model (or --adapter: one LoRA adapter)")
+    ex = sub.add_parser(
+        "export", help="write the merged model as a dense Hugging Face model (or --adapter: one LoRA adapter)"
+    )
     ex.add_argument("run_dir")
     ex.add_argument("out")
-    ex.add_argument("--adapter", action="store_true",
-                    help="one PEFT LoRA adapter on the base instead (exact for line merges, else truncated SVD)")
-    ex.add_argument("--rank", type=int, default=None,
-                    help="with --adapter: truncated-SVD rank (default: exact for line merges, else the sum of task ranks)")
+    ex.add_argument(
+        "--adapter",
+        action="store_true",
+        help="one PEFT LoRA adapter on the base instead (exact for line merges, else truncated SVD)",
+    )
+    ex.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="with --adapter: truncated-SVD rank (default: exact for line merges, else the sum of task ranks)",
+    )
     ex.set_defaults(fn=_cmd_export)
     rep = sub.add_parser("report", help="print the results table and write PNG plots")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=_cmd_report)
-    cmp_ = sub.add_parser("compare", help="the same stream under several strategies: pm-ray compare SPEC [key=value ...]")
+    cmp_ = sub.add_parser(
+        "compare", help="the same stream under several strategies: pm-ray compare SPEC [key=value ...]"
+    )
     cmp_.add_argument("spec")
     cmp_.add_argument("overrides", nargs="*", help="applied to every entry, e.g. tasks.limit=3")
     cmp_.add_argument("--quiet", action="store_true")

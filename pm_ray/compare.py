@@ -28,8 +28,15 @@ def load_spec(path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
     if not path.is_file():
         raise ConfigError(f"{path}: comparison spec does not exist")
     spec = read_yaml_mapping(path)
-    if not isinstance(spec, dict) or set(spec) - {"base", "strategies"} or "base" not in spec or "strategies" not in spec:
-        raise ConfigError(f"{path}: expected exactly the keys 'base' (a run config) and 'strategies' (name -> overrides)")
+    if (
+        not isinstance(spec, dict)
+        or set(spec) - {"base", "strategies"}
+        or "base" not in spec
+        or "strategies" not in spec
+    ):
+        raise ConfigError(
+            f"{path}: expected exactly the keys 'base' (a run config) and 'strategies' (name -> overrides)"
+        )
     strategies = spec["strategies"]
     if not isinstance(strategies, dict) or not strategies:
         raise ConfigError(f"{path}: 'strategies' must map names to dicts of dotted overrides")
@@ -42,8 +49,13 @@ def load_spec(path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
 def summary_row(name: str, state: Any) -> dict[str, Any]:
     from pm_ray.report import diagnostics_summary
 
-    return {"strategy": name, **state.metrics, "alphas": state.alphas, "wall_s": round(state.wall_s, 1),
-            **diagnostics_summary(state.diagnostics)}
+    return {
+        "strategy": name,
+        **state.metrics,
+        "alphas": state.alphas,
+        "wall_s": round(state.wall_s, 1),
+        **diagnostics_summary(state.diagnostics),
+    }
 
 
 def eval_rows_per_task(run_dir: Path, state: Any, max_rows: int | None) -> dict[str, int]:
@@ -57,17 +69,23 @@ def eval_rows_per_task(run_dir: Path, state: Any, max_rows: int | None) -> dict[
     return rows
 
 
-def comparison_report(rows: list[dict[str, Any]], matrices: dict[str, tuple[list[str], list[list[float]]]],
-                      eval_rows: dict[str, int]) -> str:
+def comparison_report(
+    rows: list[dict[str, Any]], matrices: dict[str, tuple[list[str], list[list[float]]]], eval_rows: dict[str, int]
+) -> str:
     from pm_ray.report import format_comparison_table, format_results_table
 
     parts = []
     for name, (task_names, R) in matrices.items():
-        parts.append(f"### {name}: accuracy after each task (row l = the merged model after task l)\n\n"
-                     + format_results_table(R, task_names, markdown=True))
+        parts.append(
+            f"### {name}: accuracy after each task (row l = the merged model after task l)\n\n"
+            + format_results_table(R, task_names, markdown=True)
+        )
     parts.append("### Summary\n\n" + format_comparison_table(rows, markdown=True))
-    parts.append("Test rows per task: " + ", ".join(f"{k} {v}" for k, v in eval_rows.items())
-                 + " (one answer moves a task's score by 1/rows).")
+    parts.append(
+        "Test rows per task: "
+        + ", ".join(f"{k} {v}" for k, v in eval_rows.items())
+        + " (one answer moves a task's score by 1/rows)."
+    )
     return "\n\n".join(parts)
 
 
@@ -93,8 +111,15 @@ def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False
         rows[-1]["test_rows"] = eval_rows
     table = comparison_report([{k: v for k, v in r.items() if k != "test_rows"} for r in rows], matrices, eval_rows)
     storage = Path(next(iter(configs.values())).storage.path).expanduser().resolve()
-    payload = [{**r, "accuracy": matrices[r["strategy"]][1], "tasks": matrices[r["strategy"]][0],
-                "data_hashes": hashes[r["strategy"]]} for r in rows]
+    payload = [
+        {
+            **r,
+            "accuracy": matrices[r["strategy"]][1],
+            "tasks": matrices[r["strategy"]][0],
+            "data_hashes": hashes[r["strategy"]],
+        }
+        for r in rows
+    ]
     atomic_write_bytes(storage / f"compare-{spec_path.stem}.md", (table + "\n").encode())
     atomic_write_bytes(storage / f"compare-{spec_path.stem}.json", json.dumps(payload, indent=2).encode())
     plot_comparison(rows, storage / f"compare-{spec_path.stem}.png")

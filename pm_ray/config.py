@@ -58,8 +58,10 @@ class TaskFile(Section):
     def _one_layout(self) -> TaskFile:
         single, pair = self.path is not None, (self.train, self.test) != (None, None)
         if single == pair or (pair and None in (self.train, self.test)):
-            raise ValueError("give either path (one file with every example, split by max_test/max_train/seed) "
-                             "or both train and test")
+            raise ValueError(
+                "give either path (one file with every example, split by max_test/max_train/seed) "
+                "or both train and test"
+            )
         return self
 
 
@@ -160,8 +162,10 @@ class TrainerSection(Section):
     @classmethod
     def _zero_stage(cls, value: int) -> int:
         if value > 2:
-            raise ValueError(f"ZeRO stage {value} is not supported (stages 0, 1, 2): stage 3 partitions the frozen "
-                             "base weights that pm-ray folds the merged delta into")
+            raise ValueError(
+                f"ZeRO stage {value} is not supported (stages 0, 1, 2): stage 3 partitions the frozen "
+                "base weights that pm-ray folds the merged delta into"
+            )
         return value
 
 
@@ -214,8 +218,11 @@ class RunConfig(Section):
         try:
             build_strategy(self.merge.strategy, **self.merge.options).record_steps(steps)
         except ValueError as err:
-            raise PydanticCustomError("strategy_option", "{text}", {
-                "text": f"trainer.steps_per_task={steps} does not fit merge strategy {self.merge.strategy!r}: {err}"}) from None
+            raise PydanticCustomError(
+                "strategy_option",
+                "{text}",
+                {"text": f"trainer.steps_per_task={steps} does not fit merge strategy {self.merge.strategy!r}: {err}"},
+            ) from None
         return self
 
     def run_name(self, default_stem: str = "run") -> str:

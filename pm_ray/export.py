@@ -51,7 +51,9 @@ def load_merged_delta(run: RunDir) -> tuple[dict[str, torch.Tensor], dict[str, A
     state = run.read_state()
     merged, meta = load_tensors(run.merged_dir / "delta.safetensors")
     if meta.get("task") != state.completed:
-        raise ValueError(f"{run.merged_dir / 'delta.safetensors'}: holds task {meta.get('task')}, but state.json has {state.completed} completed")
+        raise ValueError(
+            f"{run.merged_dir / 'delta.safetensors'}: holds task {meta.get('task')}, but state.json has {state.completed} completed"
+        )
     return merged, meta
 
 
@@ -64,8 +66,9 @@ def plain_model(model: Any) -> Any:
     if quantizer is None and getattr(model.config, "quantization_config", None) is None:
         return model
     if packed:
-        raise ValueError(f"the model holds quantized (packed) tensors, e.g. {packed[:3]}; a dense export needs "
-                         "dequantized weights")
+        raise ValueError(
+            f"the model holds quantized (packed) tensors, e.g. {packed[:3]}; a dense export needs dequantized weights"
+        )
     if quantizer is not None:
         quantizer.remove_quantization_config(model)  # hf_quantizer, config.quantization_config, is_quantized
     for module in model.modules():
@@ -148,8 +151,7 @@ def export_adapter(run_dir: Path, out: Path, *, rank: int | None = None) -> dict
     """Write the merged model as one LoRA adapter. Exact concatenation for a line merge (a
     merged/stack.json) unless `rank` is given; otherwise a truncated SVD per module at `rank`
     (default: the sum of the task adapters' ranks). Returns adapter_error.json's content."""
-    from pm_ray.models.backbone import load_backbone
-    from pm_ray.models.backbone import DTYPES
+    from pm_ray.models.backbone import DTYPES, load_backbone
 
     run = RunDir(run_dir)
     state = run.read_state()
@@ -172,8 +174,10 @@ def export_adapter(run_dir: Path, out: Path, *, rank: int | None = None) -> dict
             raise ValueError(f"{stack_path}: the adapters cover {len(factors)} modules, the merged delta {len(merged)}")
     else:
         method = "svd"
-        rank = rank or sum(read_json(run.task_dir(i, n) / "adapter" / "adapter_config.json")["r"]
-                           for i, n in enumerate(state.task_names[:state.completed], start=1))
+        rank = rank or sum(
+            read_json(run.task_dir(i, n) / "adapter" / "adapter_config.json")["r"]
+            for i, n in enumerate(state.task_names[: state.completed], start=1)
+        )
         factors = {}
         for key, delta in merged.items():
             A, B, _ = truncated_svd(delta.T if fan_in_fan_out else delta, rank)
@@ -188,12 +192,28 @@ def export_adapter(run_dir: Path, out: Path, *, rank: int | None = None) -> dict
         tensors[f"{PEFT_PREFIX}{key}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{key}.lora_B.weight"] = B.contiguous()
     errors = [m["relative_error"] for m in modules.values()]
-    report = {"method": method, "rank": r, "strategy": meta.get("strategy"), "task": state.completed,
-              "max_relative_error": max(errors), "mean_relative_error": sum(errors) / len(errors), "modules": modules}
+    report = {
+        "method": method,
+        "rank": r,
+        "strategy": meta.get("strategy"),
+        "task": state.completed,
+        "max_relative_error": max(errors),
+        "mean_relative_error": sum(errors) / len(errors),
+        "modules": modules,
+    }
     base_ref = _base_reference(cfg)
-    config = {**template, "r": r, "lora_alpha": float(r), "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-              "lora_dropout": 0.0, "inference_mode": True, "task_type": "CAUSAL_LM",
-              "base_model_name_or_path": base_ref}
+    config = {
+        **template,
+        "r": r,
+        "lora_alpha": float(r),
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_ref,
+    }
     base, tokenizer = load_backbone(cfg.model.name_or_path, kind="instruction", dtype=DTYPES[cfg.model.dtype])
 
     def write(tmp: Path) -> None:
@@ -217,7 +237,14 @@ def evaluate_run(run_dir: Path, *, max_rows: int | None = None) -> dict[str, Any
     tasks = run.load_tasks(state)
     rows = max_rows if max_rows is not None else cfg.eval.max_rows
     return {
-        task.name: evaluate_task(model, tokenizer, task, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                                 max_rows=rows, max_length=cfg.trainer.max_length)
+        task.name: evaluate_task(
+            model,
+            tokenizer,
+            task,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            max_rows=rows,
+            max_length=cfg.trainer.max_length,
+        )
         for task in tasks
     }

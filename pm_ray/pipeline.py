@@ -50,8 +50,13 @@ def _resolve_tasks(cfg: RunConfig, cache_dir: Path) -> list[Any]:
         tasks = load_sources([f.model_dump() for f in cfg.tasks.files])
     else:
         assert cfg.tasks.suite is not None
-        tasks = build_suite(cfg.tasks.suite, variant=cfg.tasks.variant, seed=cfg.tasks.seed, cache_dir=cache_dir,
-                            choices_in_prompt=cfg.tasks.choices_in_prompt)
+        tasks = build_suite(
+            cfg.tasks.suite,
+            variant=cfg.tasks.variant,
+            seed=cfg.tasks.seed,
+            cache_dir=cache_dir,
+            choices_in_prompt=cfg.tasks.choices_in_prompt,
+        )
     if cfg.tasks.limit:
         tasks = tasks[: cfg.tasks.limit]
     kinds = {t.kind for t in tasks}
@@ -68,7 +73,9 @@ def _write_task_data(root: Path, index: int, task: Any) -> str:
     pq.write_table(task.train, d / "train.parquet")
     pq.write_table(task.test, d / "test.parquet")
     digest = hashlib.sha256((d / "train.parquet").read_bytes() + (d / "test.parquet").read_bytes()).hexdigest()[:16]
-    (d / "task.json").write_text(json.dumps({"name": task.name, "kind": task.kind, "labels": task.labels, "sha256": digest}))
+    (d / "task.json").write_text(
+        json.dumps({"name": task.name, "kind": task.kind, "labels": task.labels, "sha256": digest})
+    )
     return digest
 
 
@@ -82,7 +89,9 @@ def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
         run.check_resumable(cfg)
         return run
     if run.path.exists() and any(run.path.iterdir()):
-        raise ConfigError(f"{run.path}: exists but is not a pm-ray run directory (no state.json); choose another storage.run_name")
+        raise ConfigError(
+            f"{run.path}: exists but is not a pm-ray run directory (no state.json); choose another storage.run_name"
+        )
     preflight.check_run(cfg)
     preflight.make_storage(storage)
     with atomic_directory(run.path) as tmp:
@@ -91,7 +100,11 @@ def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
         hashes = {f"{i}-{t.name}": _write_task_data(tmp, i, t) for i, t in enumerate(tasks, start=1)}
         staged = RunDir(tmp)
         staged.write_config(cfg)
-        staged.write_state(RunState(run_name=run_name, strategy=cfg.merge.strategy, task_names=[t.name for t in tasks], data_hashes=hashes))
+        staged.write_state(
+            RunState(
+                run_name=run_name, strategy=cfg.merge.strategy, task_names=[t.name for t in tasks], data_hashes=hashes
+            )
+        )
     return run
 
 
@@ -125,12 +138,24 @@ def _start_tracking(cfg: RunConfig, run: RunDir, state: RunState) -> dict[str, A
 
     uri = tracking_uri_for(run.path, cfg.tracking.uri)
     artifact_dir = run.path / "mlflow-artifacts"
-    tracker = RunTracker.start(uri, cfg.tracking.experiment, state.run_name, artifact_dir,
-                               params=flatten(cfg.model_dump(mode="json")), resume_run_id=state.mlflow_run_id)
+    tracker = RunTracker.start(
+        uri,
+        cfg.tracking.experiment,
+        state.run_name,
+        artifact_dir,
+        params=flatten(cfg.model_dump(mode="json")),
+        resume_run_id=state.mlflow_run_id,
+    )
     if state.mlflow_run_id != tracker.run_id:
         state.mlflow_run_id = tracker.run_id
         run.write_state(state)
-    return {"uri": uri, "run_id": tracker.run_id, "run_name": state.run_name, "artifact_dir": str(artifact_dir), "tracker": tracker}
+    return {
+        "uri": uri,
+        "run_id": tracker.run_id,
+        "run_name": state.run_name,
+        "artifact_dir": str(artifact_dir),
+        "tracker": tracker,
+    }
 
 
 def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], stop: StopRequest) -> None:
@@ -153,11 +178,17 @@ def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], stop: StopReq
     trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={**loop_config, "in_ray_train": True},
-        scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
-                                     resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.trainer.num_workers,
+            use_gpu=cfg.trainer.use_gpu,
+            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
+        ),
         torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
-        run_config=RayRunConfig(storage_path=str(run.path / "ray"), name=f"train-{attempt}",
-                                failure_config=FailureConfig(max_failures=cfg.trainer.max_failures)),
+        run_config=RayRunConfig(
+            storage_path=str(run.path / "ray"),
+            name=f"train-{attempt}",
+            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+        ),
     )
     trainer.fit()
 
@@ -180,8 +211,11 @@ def _stop(tracking: dict[str, Any] | None, run: RunDir, signum: int) -> Interrup
         tracking["tracker"].end(status="KILLED")
     ray.shutdown()
     state = run.read_state()
-    return Interrupted(signum, f"{Interrupted(signum)}: run {state.run_name} keeps {state.completed}/{len(state.task_names)} committed "
-                                   f"tasks in {run.path}; run the same command to resume")
+    return Interrupted(
+        signum,
+        f"{Interrupted(signum)}: run {state.run_name} keeps {state.completed}/{len(state.task_names)} committed "
+        f"tasks in {run.path}; run the same command to resume",
+    )
 
 
 def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = False) -> RunSummary:
@@ -197,9 +231,14 @@ def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = Fal
     if state.completed < len(state.task_names):
         init_ray(cfg)
         tracking = _start_tracking(cfg, run, state)
-        actors = create_merge_actors(run_name, cfg.merge.strategy, cfg.merge.options, cfg.merge.shards, str(run.stats_dir))
-        loop_config = {"config": cfg.model_dump(mode="json"), "run_dir": str(run.path),
-                       "mlflow": {k: v for k, v in tracking.items() if k != "tracker"} if tracking else None}
+        actors = create_merge_actors(
+            run_name, cfg.merge.strategy, cfg.merge.options, cfg.merge.shards, str(run.stats_dir)
+        )
+        loop_config = {
+            "config": cfg.model_dump(mode="json"),
+            "run_dir": str(run.path),
+            "mlflow": {k: v for k, v in tracking.items() if k != "tracker"} if tracking else None,
+        }
         printer = ProgressPrinter(run) if not quiet else None
         if printer:
             printer.start()
@@ -217,7 +256,9 @@ def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = Fal
             if tracking:
                 tracking["tracker"].end(status="FAILED")
             state = run.read_state()
-            raise RunFailed(f"run {run_name} failed after {state.completed}/{len(state.task_names)} committed tasks: {err}") from err
+            raise RunFailed(
+                f"run {run_name} failed after {state.completed}/{len(state.task_names)} committed tasks: {err}"
+            ) from err
         finally:
             if printer:
                 printer.close()
@@ -245,4 +286,3 @@ def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = Fal
         report = write_report(run.path)
     state = run.read_state()
     return RunSummary(run_dir=run.path, state=state, table=report["table"], wall_s=time.time() - started)
-

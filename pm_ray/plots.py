@@ -56,7 +56,15 @@ def plot_accuracy_heatmap(R: Sequence[Sequence[Any]], task_names: Sequence[str],
         for i in range(l + 1):
             if not np.isnan(grid[l, i]):
                 dark_cell = grid[l, i] < (low + high) / 2
-                ax.text(i, l, f"{grid[l, i]:.3f}", ha="center", va="center", fontsize=7, color="white" if dark_cell else "black")
+                ax.text(
+                    i,
+                    l,
+                    f"{grid[l, i]:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark_cell else "black",
+                )
     if not T:
         ax.text(0.5, 0.5, "no task completed yet", ha="center", va="center", transform=ax.transAxes)
     labels = [str(name) for name in task_names[:T]]

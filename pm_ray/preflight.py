@@ -26,7 +26,7 @@ def check_model(cfg: RunConfig) -> None:
     ref = cfg.model.name_or_path
     try:
         if ref.startswith("bundled:"):
-            bundled_model_dir(ref[len("bundled:"):])
+            bundled_model_dir(ref[len("bundled:") :])
         elif ref.startswith("tiny:"):
             if ref not in ("tiny:llama", "tiny:bert"):
                 raise BackboneError(f"unknown tiny model {ref!r}; expected tiny:llama or tiny:bert")
@@ -107,5 +107,7 @@ def check_tasks(cfg: RunConfig, tasks: list[Any]) -> None:
     workers = 1 if cfg.trainer.engine == "single" else cfg.trainer.num_workers
     for task in tasks:
         if task.train.num_rows < workers:
-            raise ConfigError(f"tasks: task {task.name!r} has {task.train.num_rows} training rows, fewer than "
-                              f"trainer.num_workers={workers} (every worker trains on its own shard)")
+            raise ConfigError(
+                f"tasks: task {task.name!r} has {task.train.num_rows} training rows, fewer than "
+                f"trainer.num_workers={workers} (every worker trains on its own shard)"
+            )

@@ -43,7 +43,8 @@ def task_costs(diagnostics: list[Any], steps: int) -> dict[str, float] | None:
         "overhead_s": max(0.0, _mean([d["train_s"] - step_s * steps for d in rows]) or 0.0),
         "fisher_s": _mean([d["fisher_s"] for d in rows if "fisher_s" in d]) or 0.0,
         "merge_s": _mean([d["merge_s"] for d in rows if "merge_s" in d]) or 0.0,
-        "eval_per_task_s": _mean([d["eval_s"] / d.get("task", i + 1) for i, d in enumerate(rows) if "eval_s" in d]) or 0.0,
+        "eval_per_task_s": _mean([d["eval_s"] / d.get("task", i + 1) for i, d in enumerate(rows) if "eval_s" in d])
+        or 0.0,
     }
     if not any(k in d for d in rows for k in ("fisher_s", "merge_s", "eval_s")):  # older run: lump it into merge
         costs["merge_s"] = _mean(other) or 0.0
@@ -68,8 +69,12 @@ def estimate(p: dict[str, Any], diagnostics: list[Any]) -> dict[str, Any]:
     phase_eta: float | None = step_s * left_steps if phase == "training" else None
     run_eta: float | None = None
     if costs is not None:
-        this_task = {"training": step_s * left_steps, "fisher": costs["fisher_s"], "merge": costs["merge_s"],
-                     "evaluation": costs["eval_per_task_s"] * task}
+        this_task = {
+            "training": step_s * left_steps,
+            "fisher": costs["fisher_s"],
+            "merge": costs["merge_s"],
+            "evaluation": costs["eval_per_task_s"] * task,
+        }
         order = PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER)
         if phase != "training" and phase in this_task:
             this_task[phase] *= frac_left
@@ -78,7 +83,13 @@ def estimate(p: dict[str, Any], diagnostics: list[Any]) -> dict[str, Any]:
         per_task = costs["overhead_s"] + steps * step_s + costs["fisher_s"] + costs["merge_s"]
         rest += sum(per_task + k * costs["eval_per_task_s"] for k in range(task + 1, num_tasks + 1))
         run_eta = rest
-    return {"step_s": step_s, "phase_eta_s": phase_eta, "run_eta_s": run_eta, "training_eta_s": training_eta, "warmup": warmup}
+    return {
+        "step_s": step_s,
+        "phase_eta_s": phase_eta,
+        "run_eta_s": run_eta,
+        "training_eta_s": training_eta,
+        "warmup": warmup,
+    }
 
 
 def _minutes(seconds: float) -> str:
@@ -95,7 +106,9 @@ def describe(p: dict[str, Any], diagnostics: list[Any]) -> tuple[str, int, int, 
     if est["run_eta_s"] is not None:
         parts.append(f"run ETA {_minutes(est['run_eta_s'])}")
     else:
-        parts.append(f"training ETA {_minutes(est['training_eta_s'])}{' (warm-up)' if est['warmup'] else ''} (+ fisher/merge/eval)")
+        parts.append(
+            f"training ETA {_minutes(est['training_eta_s'])}{' (warm-up)' if est['warmup'] else ''} (+ fisher/merge/eval)"
+        )
     return desc, done, total, " | ".join(parts)
 
 
@@ -135,8 +148,16 @@ class ProgressPrinter(threading.Thread):
         from tqdm import tqdm
 
         if self.bar is None:  # tqdm puts ", " before the postfix
-            self.bar = tqdm(total=total, initial=done, desc=desc, postfix=postfix, file=self.stream, leave=True,
-                            dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
+            self.bar = tqdm(
+                total=total,
+                initial=done,
+                desc=desc,
+                postfix=postfix,
+                file=self.stream,
+                leave=True,
+                dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+            )
             self.key = (desc, total)
             return
         key = (desc, total)

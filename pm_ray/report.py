@@ -27,9 +27,20 @@ from pm_ray.tables import (
 REPORT_DIR = "report"
 
 __all__ = [
-    "StateFileError", "alpha_stats", "diagnostics_summary", "format_alpha", "format_alphas", "format_comparison_table",
-    "format_diagnostics_table", "format_number", "format_results_table", "plot_accuracy_heatmap", "plot_alphas",
-    "plot_comparison", "plot_task_curves", "write_report",
+    "StateFileError",
+    "alpha_stats",
+    "diagnostics_summary",
+    "format_alpha",
+    "format_alphas",
+    "format_comparison_table",
+    "format_diagnostics_table",
+    "format_number",
+    "format_results_table",
+    "plot_accuracy_heatmap",
+    "plot_alphas",
+    "plot_comparison",
+    "plot_task_curves",
+    "write_report",
 ]
 
 
@@ -67,8 +78,13 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     state = asdict(RunDir(run_dir).read_state())
     names, R, alphas = state["task_names"], state["accuracy"], state.get("alphas", [])
     metrics = _final_metrics(state)
-    summary_row = {"strategy": state.get("strategy", MISSING), **metrics, "alphas": alphas,
-                   "wall_s": state.get("wall_s"), **diagnostics_summary(state.get("diagnostics", []))}
+    summary_row = {
+        "strategy": state.get("strategy", MISSING),
+        **metrics,
+        "alphas": alphas,
+        "wall_s": state.get("wall_s"),
+        **diagnostics_summary(state.get("diagnostics", [])),
+    }
     progress = f"{state.get('run_name', run_dir.name)}: {state['completed']}/{len(names)} tasks"
     table = "\n\n".join([progress, format_results_table(R, names), format_comparison_table([summary_row])])
 
@@ -78,17 +94,22 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         plot_alphas(alphas, names, out / "alphas.png"),
         plot_task_curves(R, names, out / "task_curves.png"),
     ]
-    markdown = "\n\n".join([
-        f"# {state.get('run_name', run_dir.name)}",
-        f"Strategy `{state.get('strategy', MISSING)}`, {state['completed']}/{len(names)} tasks, {float(state.get('wall_s', 0.0)):.1f} s.",
-        "## Accuracy matrix",
-        format_results_table(R, names, markdown=True),
-        "## Summary",
-        format_comparison_table([summary_row], markdown=True),
-        "## Per task (diagnostics: the first steps of task t+1 start at the merged model of task t)",
-        format_diagnostics_table(state.get("diagnostics", []), names, alphas, markdown=True),
-        "## Plots",
-        "\n".join(f"![{p.stem}]({p.name})" for p in plots),
-    ]) + "\n"
+    markdown = (
+        "\n\n".join(
+            [
+                f"# {state.get('run_name', run_dir.name)}",
+                f"Strategy `{state.get('strategy', MISSING)}`, {state['completed']}/{len(names)} tasks, {float(state.get('wall_s', 0.0)):.1f} s.",
+                "## Accuracy matrix",
+                format_results_table(R, names, markdown=True),
+                "## Summary",
+                format_comparison_table([summary_row], markdown=True),
+                "## Per task (diagnostics: the first steps of task t+1 start at the merged model of task t)",
+                format_diagnostics_table(state.get("diagnostics", []), names, alphas, markdown=True),
+                "## Plots",
+                "\n".join(f"![{p.stem}]({p.name})" for p in plots),
+            ]
+        )
+        + "\n"
+    )
     atomic_write_bytes(out / "summary.md", markdown.encode())
     return {"table": table, "metrics": metrics, "plots": [str(p) for p in plots]}

@@ -75,8 +75,10 @@ def validate_state(raw: Any, path: Path) -> RunState:
     if not isinstance(raw, dict):
         raise StateFileError(f"{path}: top level is a {type(raw).__name__}; expected a JSON object")
     if raw.get("version") != STATE_VERSION:
-        raise StateFileError(f"{path}: written by an incompatible pm-ray version (state version {raw.get('version')!r}; "
-                             f"expected {STATE_VERSION})")
+        raise StateFileError(
+            f"{path}: written by an incompatible pm-ray version (state version {raw.get('version')!r}; "
+            f"expected {STATE_VERSION})"
+        )
     unknown = set(raw) - set(RunState.__dataclass_fields__)
     if unknown:
         raise StateFileError(f"{path}: unknown fields {sorted(unknown)}")
@@ -88,22 +90,35 @@ def validate_state(raw: Any, path: Path) -> RunState:
         raise StateFileError(f"{path}: field 'completed' is {completed}; expected an integer in 0..{len(names)}")
     accuracy = _field(raw, path, "accuracy", list, "a list of rows of scores")
     if len(accuracy) != completed:
-        raise StateFileError(f"{path}: field 'accuracy' has {len(accuracy)} rows; expected one per completed task ({completed})")
+        raise StateFileError(
+            f"{path}: field 'accuracy' has {len(accuracy)} rows; expected one per completed task ({completed})"
+        )
     for l, row in enumerate(accuracy):
         if not isinstance(row, list):
             raise StateFileError(f"{path}: field 'accuracy': row {l + 1} is {row!r}; expected a list of scores")
         for i, value in enumerate(row):
             if value is not None and not _is_number(value):
-                raise StateFileError(f"{path}: field 'accuracy': R[{l + 1}][{i + 1}] is {value!r}; expected a number, null or NaN")
+                raise StateFileError(
+                    f"{path}: field 'accuracy': R[{l + 1}][{i + 1}] is {value!r}; expected a number, null or NaN"
+                )
     alphas = raw.get("alphas", [])
-    if not isinstance(alphas, list) or len(alphas) > completed or not all(
-            a is None or isinstance(a, dict) or _is_number(a) for a in alphas):
-        raise StateFileError(f"{path}: field 'alphas' is {alphas!r}; expected at most {completed} entries of number, object or null")
+    if (
+        not isinstance(alphas, list)
+        or len(alphas) > completed
+        or not all(a is None or isinstance(a, dict) or _is_number(a) for a in alphas)
+    ):
+        raise StateFileError(
+            f"{path}: field 'alphas' is {alphas!r}; expected at most {completed} entries of number, object or null"
+        )
     try:
         [alpha_stats(a) for a in alphas]
     except ValueError as err:
         raise StateFileError(f"{path}: field 'alphas': {err}") from None
-    for key, kind, expected in (("metrics", dict, "an object"), ("diagnostics", list, "a list"), ("wall_s", (int, float), "a number of seconds")):
+    for key, kind, expected in (
+        ("metrics", dict, "an object"),
+        ("diagnostics", list, "a list"),
+        ("wall_s", (int, float), "a number of seconds"),
+    ):
         if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
             raise StateFileError(f"{path}: field {key!r} is {raw[key]!r}; expected {expected}")
     for key in ("run_name", "strategy"):
@@ -175,7 +190,9 @@ class RunDir:
     # state
     def read_state(self) -> RunState:
         if not self.state_path.is_file():
-            raise FileNotFoundError(f"{self.state_path}: no state.json (not a pm-ray run directory, or the run never started)")
+            raise FileNotFoundError(
+                f"{self.state_path}: no state.json (not a pm-ray run directory, or the run never started)"
+            )
         try:
             raw = json.loads(self.state_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -39,7 +39,9 @@ def _score(R: Sequence[Sequence[Any]], l: int, i: int) -> float | None:
 
 def _check_matrix(R: Sequence[Sequence[Any]], task_names: Sequence[str]) -> None:
     if len(task_names) < len(R):
-        raise ValueError(f"accuracy matrix has {len(R)} rows but only {len(task_names)} task names; expected one name per row")
+        raise ValueError(
+            f"accuracy matrix has {len(R)} rows but only {len(task_names)} task names; expected one name per row"
+        )
     for l, row in enumerate(R):
         if not isinstance(row, Sequence) or isinstance(row, str):
             raise ValueError(f"accuracy matrix row {l + 1} is {row!r}; expected a list of scores")
@@ -92,8 +94,16 @@ def _markdown_rule(colwidths: list[int], colaligns: list[str]) -> str:
 
 
 # A pipe table whose rule row is itself a row of cells ("| --- | --: |"), aligned like the rest.
-MARKDOWN = TableFormat(lineabove=None, linebelowheader=_markdown_rule, linebetweenrows=None, linebelow=None,
-                       headerrow=DataRow("|", "|", "|"), datarow=DataRow("|", "|", "|"), padding=1, with_header_hide=None)
+MARKDOWN = TableFormat(
+    lineabove=None,
+    linebelowheader=_markdown_rule,
+    linebetweenrows=None,
+    linebelow=None,
+    headerrow=DataRow("|", "|", "|"),
+    datarow=DataRow("|", "|", "|"),
+    padding=1,
+    with_header_hide=None,
+)
 
 
 def _render(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool], markdown: bool) -> str:
@@ -107,8 +117,9 @@ def _render(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequenc
     with _MIN_PADDING_LOCK:  # tabulate widens headers by MIN_PADDING; pm-ray's tables are tight
         saved, tabulate_module.MIN_PADDING = tabulate_module.MIN_PADDING, 0
         try:
-            text = tabulate(rows, header, tablefmt=MARKDOWN if markdown else "simple", disable_numparse=True,
-                            colalign=align)
+            text = tabulate(
+                rows, header, tablefmt=MARKDOWN if markdown else "simple", disable_numparse=True, colalign=align
+            )
         finally:
             tabulate_module.MIN_PADDING = saved
     return "\n".join(line.rstrip() if not markdown else line for line in text.splitlines())
@@ -153,16 +164,23 @@ def format_comparison_table(rows: Sequence[Mapping[str, Any]], *, markdown: bool
     return _render(columns, body, right, markdown)
 
 
-def format_diagnostics_table(diagnostics: Sequence[Any], names: Sequence[str], alphas: Sequence[Any],
-                             *, markdown: bool = False) -> str:
+def format_diagnostics_table(
+    diagnostics: Sequence[Any], names: Sequence[str], alphas: Sequence[Any], *, markdown: bool = False
+) -> str:
     """One row per task: where its training started (grad norm, loss drop) and how it ended."""
     columns = ["task", "start_grad_norm", "first_steps_loss_drop", "final_loss", "train_s", "task_s", "alpha"]
     body = []
     for i, d in enumerate(d for d in diagnostics if isinstance(d, dict)):
         alpha = alphas[i] if i < len(alphas) else None
-        body.append([f"{i + 1} {names[i] if i < len(names) else '?'}",
-                     *(format_number(d.get(k)) if d.get(k) is not None else MISSING
-                       for k in ("start_grad_norm", "first_steps_loss_drop", "final_loss")),
-                     *(f"{d[k]:.1f}" if isinstance(d.get(k), (int, float)) else MISSING for k in ("train_s", "task_s")),
-                     format_alphas([alpha]) if alpha is not None else MISSING])
+        body.append(
+            [
+                f"{i + 1} {names[i] if i < len(names) else '?'}",
+                *(
+                    format_number(d.get(k)) if d.get(k) is not None else MISSING
+                    for k in ("start_grad_norm", "first_steps_loss_drop", "final_loss")
+                ),
+                *(f"{d[k]:.1f}" if isinstance(d.get(k), (int, float)) else MISSING for k in ("train_s", "task_s")),
+                format_alphas([alpha]) if alpha is not None else MISSING,
+            ]
+        )
     return _render(columns, body, [False] + [True] * (len(columns) - 1), markdown)

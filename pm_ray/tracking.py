@@ -158,11 +158,14 @@ class RunTracker:
 
     # ---- logging ----
 
-    def _log_batch(self, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Mapping[str, str] | None = None) -> None:
+    def _log_batch(
+        self, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Mapping[str, str] | None = None
+    ) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, metrics=metrics, params=params,
-                              tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+        self.client.log_batch(
+            self.run_id, metrics=metrics, params=params, tags=[RunTag(k, v) for k, v in (tags or {}).items()]
+        )
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Flattened (dotted keys), values truncated to MAX_PARAM_VALUE_CHARS, in batches of <=100.
@@ -199,7 +202,10 @@ class RunTracker:
         # One timestamp for the whole list: get_metric_history orders by (timestamp, step), so the
         # steps come back in order, and later calls (a resumed task) sort after this one.
         now = int(time.time() * 1000)
-        entries = [Metric(key, _as_metric_value(f"{key}[{start_step + n}]", v), now, start_step + n) for n, v in enumerate(losses)]
+        entries = [
+            Metric(key, _as_metric_value(f"{key}[{start_step + n}]", v), now, start_step + n)
+            for n, v in enumerate(losses)
+        ]
         for batch in _chunks(entries, METRICS_PER_BATCH):
             self._log_batch(metrics=batch)
 
@@ -277,7 +283,9 @@ class TaskTracker:
     def __init__(self, parent: Any) -> None:
         self.parent = parent
 
-    def log_task(self, task: int, name: str, losses: list[float], alpha: Any, row: list[float], diagnostics: dict[str, Any]) -> None:
+    def log_task(
+        self, task: int, name: str, losses: list[float], alpha: Any, row: list[float], diagnostics: dict[str, Any]
+    ) -> None:
         child = self.parent.nested(f"task{task}-{name}", params={"task": task, "task_name": name})
         child.log_step_losses(losses)
         metrics: dict[str, float] = {f"acc_task{i}": v for i, v in enumerate(row, start=1)}
@@ -301,6 +309,12 @@ def task_tracker(loop_config: dict[str, Any], cfg: Any) -> TaskTracker | None:
     info = loop_config.get("mlflow")
     if not info:
         return None
-    parent = RunTracker.start(info["uri"], cfg.tracking.experiment, info["run_name"], Path(info["artifact_dir"]),
-                              params={}, resume_run_id=info["run_id"])
+    parent = RunTracker.start(
+        info["uri"],
+        cfg.tracking.experiment,
+        info["run_name"],
+        Path(info["artifact_dir"]),
+        params={},
+        resume_run_id=info["run_id"],
+    )
     return TaskTracker(parent)

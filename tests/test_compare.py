@@ -19,8 +19,18 @@ def test_compare_writes_table_json_and_plot(tmp_path, ray_session) -> None:
     storage = tmp_path / "runs"
     write_config(tmp_path / "base.yaml", tiny_config(storage, tasks={"limit": 2}, trainer={"steps_per_task": 2}))
     spec = tmp_path / "cmp.yaml"
-    spec.write_text(yaml.safe_dump({"base": "base.yaml", "strategies": {
-        "seq": {"merge.strategy": "sequential", "perturbation.mode": "none"}, "pm": {"merge.strategy": "pm"}}}, sort_keys=False))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": "base.yaml",
+                "strategies": {
+                    "seq": {"merge.strategy": "sequential", "perturbation.mode": "none"},
+                    "pm": {"merge.strategy": "pm"},
+                },
+            },
+            sort_keys=False,
+        )
+    )
     rows, table = run_comparison(spec, [], quiet=True)
     assert [r["strategy"] for r in rows] == ["seq", "pm"] and "pm" in table
     assert json.loads((storage / "compare-cmp.json").read_text()) == json.loads(json.dumps(rows))

@@ -15,21 +15,32 @@ def test_defaults_are_the_embedded_quickstart() -> None:
 def test_yaml_and_overrides(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("merge: {strategy: pm}\ntrainer: {lr: 0.01}\n")
-    cfg = load_config(path, ["trainer.lr=3e-4", "lora.targets=[q_proj, v_proj]", "merge.options={per_module: true}",
-                             "perturbation.probs=[0.5, 0.25, 0.25]", "storage.run_name=null"])
+    cfg = load_config(
+        path,
+        [
+            "trainer.lr=3e-4",
+            "lora.targets=[q_proj, v_proj]",
+            "merge.options={per_module: true}",
+            "perturbation.probs=[0.5, 0.25, 0.25]",
+            "storage.run_name=null",
+        ],
+    )
     assert cfg.merge.strategy == "pm" and cfg.trainer.lr == 3e-4
     assert cfg.lora.targets == ["q_proj", "v_proj"] and cfg.merge.options == {"per_module": True}
     assert cfg.perturbation.probs == (0.5, 0.25, 0.25)
     assert config_from_dict(__import__("yaml").safe_load(dump_config(cfg))) == cfg  # round trip
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("[1, 2]", "expected a mapping"),
-    ("merge: {strategy: [unclosed", "not valid YAML"),
-    ("trainer: {stepz: 3}", "unknown config key 'trainer.stepz'"),
-    ("lora: {rank: 0}", "lora.rank"),
-    ("tasks: {suite: null}", "no tasks"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("[1, 2]", "expected a mapping"),
+        ("merge: {strategy: [unclosed", "not valid YAML"),
+        ("trainer: {stepz: 3}", "unknown config key 'trainer.stepz'"),
+        ("lora: {rank: 0}", "lora.rank"),
+        ("tasks: {suite: null}", "no tasks"),
+    ],
+)
 def test_bad_files_name_file_and_field(tmp_path, text, needle) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -48,18 +59,31 @@ def test_bad_overrides() -> None:
     assert isinstance(load_config(None, ["merge.strategy=magmax", "merge.options.lam=0.3"]), RunConfig)
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["merge.strategy=magmax", "merge.options={lamda: 0.5}"],
-     "merge.options.lamda: merge strategy 'magmax' has no option 'lamda'; did you mean 'lam'?"),
-    (["merge.options.lam=0.3"], "merge.options.lam: merge strategy 'pm' has no option 'lam'"),
-    (["merge.strategy=ties", "merge.options.density=0"], "merge.options.density: ties: density=0 must be > 0"),
-    (["merge.strategy=dare", "merge.options.drop=1.0"], "merge.options.drop: dare: drop=1.0 must be < 1"),
-    (["merge.strategy=fixed", "merge.options.alpha=1.5"], "merge.options.alpha: fixed: alpha=1.5 is outside [0, 1]"),
-    (["merge.strategy=trm", "merge.options.snapshots=0"], "merge.options.snapshots: trm: snapshots=0 must be an int >= 1"),
-    (["merge.strategy=pm", "merge.options.per_module=maybe"], "merge.options.per_module: pm: per_module='maybe'"),
-    (["merge.strategy=trm", "merge.options.snapshots=8", "trainer.steps_per_task=5"],
-     "trainer.steps_per_task=5 does not fit merge strategy 'trm': trm records LoRA_t after each of merge.options.snapshots=8"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (
+            ["merge.strategy=magmax", "merge.options={lamda: 0.5}"],
+            "merge.options.lamda: merge strategy 'magmax' has no option 'lamda'; did you mean 'lam'?",
+        ),
+        (["merge.options.lam=0.3"], "merge.options.lam: merge strategy 'pm' has no option 'lam'"),
+        (["merge.strategy=ties", "merge.options.density=0"], "merge.options.density: ties: density=0 must be > 0"),
+        (["merge.strategy=dare", "merge.options.drop=1.0"], "merge.options.drop: dare: drop=1.0 must be < 1"),
+        (
+            ["merge.strategy=fixed", "merge.options.alpha=1.5"],
+            "merge.options.alpha: fixed: alpha=1.5 is outside [0, 1]",
+        ),
+        (
+            ["merge.strategy=trm", "merge.options.snapshots=0"],
+            "merge.options.snapshots: trm: snapshots=0 must be an int >= 1",
+        ),
+        (["merge.strategy=pm", "merge.options.per_module=maybe"], "merge.options.per_module: pm: per_module='maybe'"),
+        (
+            ["merge.strategy=trm", "merge.options.snapshots=8", "trainer.steps_per_task=5"],
+            "trainer.steps_per_task=5 does not fit merge strategy 'trm': trm records LoRA_t after each of merge.options.snapshots=8",
+        ),
+    ],
+)
 def test_strategy_options_checked_at_load(overrides, needle) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

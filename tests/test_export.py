@@ -67,10 +67,12 @@ def test_dense_export_loads_without_pm_ray_and_matches_the_merged_model(runs, tm
     config = json.loads((out / "config.json").read_text())
     assert not [k for k in config if "quantiz" in k or "gguf" in k]
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
-    probe = ("import sys, json, torch; from transformers import AutoModelForCausalLM; "
-             f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); "
-             f"print(json.dumps(m(input_ids=torch.tensor({ids.tolist()})).logits.tolist())); "
-             "assert not [k for k in sys.modules if k.startswith('pm_ray')]")
+    probe = (
+        "import sys, json, torch; from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+        f"print(json.dumps(m(input_ids=torch.tensor({ids.tolist()})).logits.tolist())); "
+        "assert not [k for k in sys.modules if k.startswith('pm_ray')]"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     exported = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -115,7 +117,9 @@ def test_svd_adapter_reports_the_error_the_loaded_adapter_has(runs, tmp_path, ca
     merged, _ = load_tensors(run_dir / "merged" / "delta.safetensors")
     deltas = peft_deltas(model)
     for key, delta in merged.items():
-        measured = (torch.linalg.matrix_norm(delta.double() - deltas[key].double()) / torch.linalg.matrix_norm(delta.double())).item()
+        measured = (
+            torch.linalg.matrix_norm(delta.double() - deltas[key].double()) / torch.linalg.matrix_norm(delta.double())
+        ).item()
         assert report["modules"][key]["relative_error"] == pytest.approx(measured, rel=1e-4, abs=1e-7)
         assert f"{key}  rank {report['rank']}  relative error {report['modules'][key]['relative_error']:.3e}" in stdout
     assert 0 < report["max_relative_error"] < 1  # rank < 32 on 32 x 64 deltas: lossy, but not useless
@@ -134,10 +138,14 @@ def test_bundled_gguf_model_exports_as_a_plain_checkpoint_with_the_same_scores(t
     entry = BUNDLED["smollm2-135m-instruct"]
     if package_dir(entry.package) is None or package_dir("gguf") is None:
         pytest.skip(f"bundled SmolLM2 is not installed (`{entry.pip_install}` and gguf, or make assets)")
-    cfg = tiny_config(tmp_path / "runs", model={"name_or_path": "bundled:smollm2-135m-instruct"},
-                      tasks={"suite": "cit5", "variant": "quick", "limit": 1},
-                      trainer={"steps_per_task": 2, "batch_size": 2, "max_length": 64},
-                      fisher={"num_samples": 2, "batch_size": 2}, eval={"max_rows": 2, "batch_size": 4})
+    cfg = tiny_config(
+        tmp_path / "runs",
+        model={"name_or_path": "bundled:smollm2-135m-instruct"},
+        tasks={"suite": "cit5", "variant": "quick", "limit": 1},
+        trainer={"steps_per_task": 2, "batch_size": 2, "max_length": 64},
+        fisher={"num_samples": 2, "batch_size": 2},
+        eval={"max_rows": 2, "batch_size": 4},
+    )
     run_dir = run_continual(config_from_dict(cfg), config_stem="smol", quiet=True).run_dir
     out = tmp_path / "export"
     code, _, err = export(capsys, str(run_dir), str(out))

@@ -32,8 +32,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-KNOWN = ("pm-ray run", "pm-ray compare", "pm-ray tune", "pm-ray report", "pm-ray eval", "pm-ray export",
-         "cluster/local_head.sh start", "jobs/submit.sh")
+KNOWN = (
+    "pm-ray run",
+    "pm-ray compare",
+    "pm-ray tune",
+    "pm-ray report",
+    "pm-ray eval",
+    "pm-ray export",
+    "cluster/local_head.sh start",
+    "jobs/submit.sh",
+)
 
 
 def use_commands(readme: Path) -> list[str]:
@@ -67,8 +75,9 @@ def tiny_sizes(storage: Path) -> dict[str, Any]:
 
 def make_workdir(root: Path) -> Path:
     """A copy of the repository (tracked files) with tiny-sized jobs/*.yaml."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     work = root / "repo"
     for name in files:
         src = REPO / name
@@ -121,7 +130,7 @@ def check(command: str, proc: subprocess.CompletedProcess, work: Path) -> None:
         assert plots and all((work / p).is_file() and (work / p).stat().st_size > 0 for p in plots)
         assert "acc" in out.lower()
     elif argv[:2] == ["pm-ray", "eval"]:
-        scores = json.loads(out[out.index("{"):])
+        scores = json.loads(out[out.index("{") :])
         assert set(scores) == set(state(work / argv[2])["task_names"])
         assert all(0.0 <= v["score"] <= 1.0 for v in scores.values())
     elif argv[:2] == ["pm-ray", "export"] and "--adapter" in argv:
@@ -151,14 +160,21 @@ def test_readme_use_commands_run_on_tiny_models(tmp_path) -> None:
     assert len(commands) >= 8
     work = make_workdir(tmp_path)
     heads = ExitStack()
-    env = dict(os.environ, PYTHONPATH=str(work), HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(work),
+        HF_HUB_OFFLINE="1",
+        RAY_AUTH_MODE="disabled",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     env.pop("RAY_ADDRESS", None)  # the embedded default for the pm-ray commands
     address = None
     with heads:
         for command in commands:
             if command == "cluster/local_head.sh start":
-                syntax = subprocess.run(["bash", "-n", str(work / "cluster" / "local_head.sh")], capture_output=True, text=True)
+                syntax = subprocess.run(
+                    ["bash", "-n", str(work / "cluster" / "local_head.sh")], capture_output=True, text=True
+                )
                 assert syntax.returncode == 0, syntax.stderr
                 address, _ = heads.enter_context(start_local_head())  # stands in for it, on free ports
                 continue
@@ -173,10 +189,18 @@ def run_command(command: str, work: Path, env: dict[str, str], address: str | No
         assert address, "jobs/submit.sh needs the local head started before it"
         # the local run of the same config moves aside, so the job computes a fresh run directory
         (work / "runs").rename(tmp_path / "runs-local")
-        proc = subprocess.run([str(work / argv[0]), *argv[1:]], cwd=work, capture_output=True, text=True, timeout=600,
-                              env=dict(env, RAY_ADDRESS=address))
+        proc = subprocess.run(
+            [str(work / argv[0]), *argv[1:]],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(env, RAY_ADDRESS=address),
+        )
     else:
-        proc = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=work, capture_output=True, text=True, timeout=600, env=env)
+        proc = subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]], cwd=work, capture_output=True, text=True, timeout=600, env=env
+        )
     print(f"{command}: {time.time() - started:.0f} s")
     assert proc.returncode == 0, f"{command!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     check(command, proc, work)

@@ -58,7 +58,9 @@ def test_results_table_shows_lower_triangle_to_three_decimals() -> None:
     # aligned: scores are right-aligned under their header
     sst2_end = lines[0].index("sst2") + len("sst2")
     assert [line[sst2_end - 5 : sst2_end] for line in lines[2:]] == ["0.900", "0.850", "0.800"]
-    assert {len(line) for line in lines[2:] + [lines[0]] if line.endswith(("mean", "0.900", "0.825", "0.750"))} == {len(lines[0])}
+    assert {len(line) for line in lines[2:] + [lines[0]] if line.endswith(("mean", "0.900", "0.825", "0.750"))} == {
+        len(lines[0])
+    }
 
 
 def test_results_table_markdown_is_a_valid_aligned_pipe_table() -> None:
@@ -83,8 +85,16 @@ def test_results_table_rejects_more_rows_than_task_names() -> None:
 
 def test_comparison_table_columns_values_and_extra_diagnostics() -> None:
     rows = [
-        {"strategy": "pm", "acc": 0.75, "aaa": 0.825, "forgetting": 0.075, "bwt": -0.075,
-         "alphas": [1.0, {"q": 0.4, "v": 0.6}, None], "wall_s": 12.345, "first_step_grad_norm": 1.234e-05},
+        {
+            "strategy": "pm",
+            "acc": 0.75,
+            "aaa": 0.825,
+            "forgetting": 0.075,
+            "bwt": -0.075,
+            "alphas": [1.0, {"q": 0.4, "v": 0.6}, None],
+            "wall_s": 12.345,
+            "first_step_grad_norm": 1.234e-05,
+        },
         {"strategy": "average", "acc": 0.7, "aaa": 0.8, "forgetting": 0.1, "bwt": -0.1, "alphas": None, "wall_s": 3},
     ]
     lines = format_comparison_table(rows, markdown=True).splitlines()
@@ -104,7 +114,15 @@ def test_markdown_escapes_pipes_in_values() -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(0.5, "0.500"), (0.0, "0.000"), (-0.0751, "-0.075"), (2e-05, "2.000e-05"), (3, "3"), (None, "-"), (math.nan, "nan")],
+    [
+        (0.5, "0.500"),
+        (0.0, "0.000"),
+        (-0.0751, "-0.075"),
+        (2e-05, "2.000e-05"),
+        (3, "3"),
+        (None, "-"),
+        (math.nan, "nan"),
+    ],
 )
 def test_format_number(value: object, text: str) -> None:
     assert format_number(value) == text
@@ -126,8 +144,10 @@ PLOTS = {
     "heatmap": lambda path: plot_accuracy_heatmap(R, NAMES, path),
     "alphas": lambda path: plot_alphas([1.0, {"q": 0.4, "v": 0.6}, None], NAMES, path),
     "task_curves": lambda path: plot_task_curves(R, NAMES, path),
-    "comparison": lambda path: plot_comparison([{"strategy": "pm", "acc": 0.75, "forgetting": 0.07},
-                                                {"strategy": "average", "acc": 0.7, "forgetting": 0.1}], path),
+    "comparison": lambda path: plot_comparison(
+        [{"strategy": "pm", "acc": 0.75, "forgetting": 0.07}, {"strategy": "average", "acc": 0.7, "forgetting": 0.1}],
+        path,
+    ),
 }
 
 
@@ -150,12 +170,41 @@ def test_plot_replaces_an_existing_file(tmp_path: Path) -> None:
 
 def write_state(run_dir: Path, **overrides: object) -> Path:
     state = {
-        "version": 1, "run_name": "demo", "strategy": "pm", "task_names": NAMES + ["rte"], "completed": 3,
-        "alphas": [1.0, {"q": 0.4, "v": 0.6}, 0.3], "accuracy": [[0.9], [0.85, 0.8], [0.8, 0.75, 0.7]],
-        "metrics": {}, "wall_s": 12.345,
-        "diagnostics": [{"task": 1, "start_grad_norm": 9.0, "first_steps_loss_drop": 2.0, "train_s": 3.0, "task_s": 4.0, "final_loss": 0.25},
-                        {"task": 2, "start_grad_norm": 0.5, "first_steps_loss_drop": 0.1, "train_s": 3.5, "task_s": 4.5, "final_loss": 0.5},
-                        {"task": 3, "start_grad_norm": 1.5, "first_steps_loss_drop": 0.3, "train_s": 2.5, "task_s": 3.5, "final_loss": 0.75}],
+        "version": 1,
+        "run_name": "demo",
+        "strategy": "pm",
+        "task_names": NAMES + ["rte"],
+        "completed": 3,
+        "alphas": [1.0, {"q": 0.4, "v": 0.6}, 0.3],
+        "accuracy": [[0.9], [0.85, 0.8], [0.8, 0.75, 0.7]],
+        "metrics": {},
+        "wall_s": 12.345,
+        "diagnostics": [
+            {
+                "task": 1,
+                "start_grad_norm": 9.0,
+                "first_steps_loss_drop": 2.0,
+                "train_s": 3.0,
+                "task_s": 4.0,
+                "final_loss": 0.25,
+            },
+            {
+                "task": 2,
+                "start_grad_norm": 0.5,
+                "first_steps_loss_drop": 0.1,
+                "train_s": 3.5,
+                "task_s": 4.5,
+                "final_loss": 0.5,
+            },
+            {
+                "task": 3,
+                "start_grad_norm": 1.5,
+                "first_steps_loss_drop": 0.3,
+                "train_s": 2.5,
+                "task_s": 3.5,
+                "final_loss": 0.75,
+            },
+        ],
         "mlflow_run_id": None,  # the pipeline writes more fields than a report needs
     }
     state.update(overrides)
@@ -178,8 +227,11 @@ def test_write_report_from_state_json(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "demo: 3/4 tasks" in table
     assert re.search(r"3 mnli\s+0\.800\s+0\.750\s+0\.700\s+0\.750", table)
     # start_grad_norm / loss drop: means over tasks 2..T (task 1 starts from the pretrained model)
-    assert re.search(r"pm\s+0\.750\s+0\.825\s+0\.075\s+-0\.075\s+1\.000, 0\.500 \(0\.400\.\.0\.600\), 0\.300\s+12\.3\s+1\.000\s+0\.200\s*$",
-                     table, re.MULTILINE)
+    assert re.search(
+        r"pm\s+0\.750\s+0\.825\s+0\.075\s+-0\.075\s+1\.000, 0\.500 \(0\.400\.\.0\.600\), 0\.300\s+12\.3\s+1\.000\s+0\.200\s*$",
+        table,
+        re.MULTILINE,
+    )
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "| 3 mnli     | 0.800 | 0.750 | 0.700 | 0.750 |" in summary
     assert "![accuracy](accuracy.png)" in summary

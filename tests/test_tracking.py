@@ -42,7 +42,6 @@ def test_flatten_dotted_keys_and_truncation() -> None:
 # migrated DB, so the tests stay independent without paying that each time.
 
 
-
 @pytest.fixture(scope="module")
 def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mlflow.tracking import MlflowClient
@@ -77,7 +76,9 @@ def test_params_are_flattened_truncated_and_batched(store: tuple[str, Path]) -> 
     assert len(logged.params) == 252  # more than one batch of 100
     assert logged.params["trainer.p249"] == "249"
     assert logged.params["merge.strategy"] == "pm"
-    assert len(logged.params["merge.note"]) == MAX_PARAM_VALUE_CHARS and logged.params["merge.note"].endswith(TRUNCATION_MARKER)
+    assert len(logged.params["merge.note"]) == MAX_PARAM_VALUE_CHARS and logged.params["merge.note"].endswith(
+        TRUNCATION_MARKER
+    )
     assert logged.tags["team"] == "cl"
     assert client_for(uri).get_run(tracker.run_id).info.run_name == "run-a"
 
@@ -125,7 +126,9 @@ def test_step_losses_come_back_in_order(store: tuple[str, Path]) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_artifacts_land_in_artifact_dir_not_cwd(store: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_artifacts_land_in_artifact_dir_not_cwd(
+    store: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     uri, artifacts = store
     elsewhere = tmp_path / "elsewhere"  # stands in for Ray's temporary working directory
     elsewhere.mkdir()
@@ -147,7 +150,10 @@ def test_artifacts_land_in_artifact_dir_not_cwd(store: tuple[str, Path], tmp_pat
     assert list(elsewhere.iterdir()) == [], "MLflow wrote into the working directory"
     client = client_for(uri)
     assert client.get_experiment(tracker.experiment_id).artifact_location == artifacts.resolve().as_uri()
-    assert sorted(a.path for a in client.list_artifacts(tracker.run_id, "plots")) == ["plots/accuracy.png", "plots/summary.md"]
+    assert sorted(a.path for a in client.list_artifacts(tracker.run_id, "plots")) == [
+        "plots/accuracy.png",
+        "plots/summary.md",
+    ]
     with pytest.raises(FileNotFoundError, match="missing.png"):
         tracker.log_artifact(tmp_path / "missing.png")
 
@@ -156,15 +162,23 @@ def test_artifacts_land_in_artifact_dir_not_cwd(store: tuple[str, Path], tmp_pat
 @pytest.mark.slow
 def test_resume_by_run_id_appends_to_the_same_run(store: tuple[str, Path]) -> None:
     uri, artifacts = store
-    first = RunTracker.start(uri, "exp", "stream", artifacts, params={"merge": {"strategy": "pm"}, "tracking": {"uri": None}})
+    first = RunTracker.start(
+        uri, "exp", "stream", artifacts, params={"merge": {"strategy": "pm"}, "tracking": {"uri": None}}
+    )
     first.log_metrics({"mean_seen_accuracy": 0.9}, step=1)
     first.log_step_losses([3.0, 2.0])
     first.end(status="FAILED")
 
     # A new process would build a new client: so does start(); the resumed config changed a
     # resume-free field, which MLflow cannot overwrite as a param.
-    resumed = RunTracker.start(uri, "exp", "stream", artifacts, params={"merge": {"strategy": "pm"}, "tracking": {"uri": "x"}},
-                               resume_run_id=first.run_id)
+    resumed = RunTracker.start(
+        uri,
+        "exp",
+        "stream",
+        artifacts,
+        params={"merge": {"strategy": "pm"}, "tracking": {"uri": "x"}},
+        resume_run_id=first.run_id,
+    )
     assert resumed.run_id == first.run_id
     client = client_for(uri)
     assert client.get_run(first.run_id).info.status == "RUNNING"
@@ -179,8 +193,15 @@ def test_resume_by_run_id_appends_to_the_same_run(store: tuple[str, Path]) -> No
     assert run.data.params == {"merge.strategy": "pm", "tracking.uri": "None"}
     assert run.data.tags["param_on_resume.tracking.uri"] == "x"
     assert run.data.tags["pm_ray.resumes"] == "1"
-    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "mean_seen_accuracy")] == [(1, 0.9), (2, 0.8)]
-    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "mean_seen_accuracy")] == [
+        (1, 0.9),
+        (2, 0.8),
+    ]
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")] == [
+        (0, 3.0),
+        (1, 2.0),
+        (2, 1.0),
+    ]
     assert len(read_run_summary(uri, "exp")) == 1
 
 

@@ -53,7 +53,9 @@ def alpha_stats(alpha: Alpha | Mapping[str, float] | None) -> tuple[float, float
     values = list(alpha.values()) if isinstance(alpha, Mapping) else [alpha]
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"α {alpha!r}: {value!r} is not a number; expected a number, a {{module: number}} dict or None")
+            raise ValueError(
+                f"α {alpha!r}: {value!r} is not a number; expected a number, a {{module: number}} dict or None"
+            )
     if not values:
         return None
     floats = [float(v) for v in values]
@@ -64,7 +66,9 @@ def _clip(value: float, clip: bool) -> float:
     return min(max(value, 0.0), 1.0) if clip else value
 
 
-def alpha_from_partials(partials: Mapping[str, tuple[float, float]], *, per_module: bool = False, clip: bool = True) -> Alpha:
+def alpha_from_partials(
+    partials: Mapping[str, tuple[float, float]], *, per_module: bool = False, clip: bool = True
+) -> Alpha:
     """Divide summed partials: one global α, or one α per module.
 
     A zero denominator means Δ_tᵀ F Δ_t = 0 (a zero task vector, or no curvature along it); the
@@ -149,7 +153,12 @@ class CurvatureAccumulator:
         self.psi: TensorDict = {}
         self.num_tasks = 0
 
-    def _check(self, delta: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor], merged_prev: Mapping[str, torch.Tensor] | None) -> None:
+    def _check(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        fisher: Mapping[str, torch.Tensor],
+        merged_prev: Mapping[str, torch.Tensor] | None,
+    ) -> None:
         check_same_layout(delta, fisher, reference_name="delta", other_name="fisher")
         check_fisher(fisher)
         if merged_prev is not None:

@@ -23,7 +23,9 @@ def _row(R: Sequence[Sequence[float]], l: int, i: int) -> float:
     try:
         value = float(R[l][i])
     except IndexError:
-        raise ValueError(f"accuracy matrix: R[{l + 1}][{i + 1}] is missing (row {l + 1} has {len(R[l])} entries)") from None
+        raise ValueError(
+            f"accuracy matrix: R[{l + 1}][{i + 1}] is missing (row {l + 1} has {len(R[l])} entries)"
+        ) from None
     if math.isnan(value):
         raise ValueError(f"accuracy matrix: R[{l + 1}][{i + 1}] is NaN")
     return value
@@ -37,7 +39,9 @@ def continual_metrics(R: Sequence[Sequence[float]], zero_shot: Sequence[float] |
     acc = sum(_row(R, T - 1, i) for i in range(T)) / T
     aaa = sum(sum(_row(R, l, i) for i in range(l + 1)) / (l + 1) for l in range(T)) / T
     if T > 1:
-        forgetting = sum(max(_row(R, l, i) for l in range(i, T - 1)) - _row(R, T - 1, i) for i in range(T - 1)) / (T - 1)
+        forgetting = sum(max(_row(R, l, i) for l in range(i, T - 1)) - _row(R, T - 1, i) for i in range(T - 1)) / (
+            T - 1
+        )
         bwt = sum(_row(R, T - 1, i) - _row(R, i, i) for i in range(T - 1)) / (T - 1)
     else:
         forgetting = bwt = 0.0

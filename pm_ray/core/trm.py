@@ -66,8 +66,11 @@ class TRMSettings:
                 raise ValueError(f"TRMSettings.{field_name}={value!r} must be an int >= {least}")
         if not self.lr > 0:
             raise ValueError(f"TRMSettings.lr={self.lr!r} must be > 0")
-        weights = {"align_weight": self.align_weight, "consistency_weight": self.consistency_weight,
-                   "responsiveness_weight": self.responsiveness_weight}
+        weights = {
+            "align_weight": self.align_weight,
+            "consistency_weight": self.consistency_weight,
+            "responsiveness_weight": self.responsiveness_weight,
+        }
         for field_name, value in weights.items():
             if not value >= 0:  # also rejects NaN
                 raise ValueError(f"TRMSettings.{field_name}={value!r} must be >= 0")
@@ -106,7 +109,9 @@ def trajectory_directions(
     return [{key: t.detach().float() for key, t in d.items()} for d in [dict(merged_prev), *dense]]
 
 
-def initial_coefficients(k: int, alpha_pm: float | Mapping[str, float], groups: Mapping[str, int] | None = None) -> torch.Tensor:
+def initial_coefficients(
+    k: int, alpha_pm: float | Mapping[str, float], groups: Mapping[str, int] | None = None
+) -> torch.Tensor:
     """c at the P&M solution: c_0 = 1, c_K = α (a per-module α is averaged per group), others 0."""
     if k < 1:
         raise ValueError(f"initial_coefficients: k={k} must be >= 1")
@@ -139,11 +144,15 @@ def expert_coefficient(c: torch.Tensor, groups: Mapping[str, int] | None = None)
     return {key: float(c[g, -1]) for key, g in (groups or {}).items()}
 
 
-def combine(directions: Sequence[Mapping[str, torch.Tensor]], c: torch.Tensor, groups: Mapping[str, int] | None = None) -> TensorDict:
+def combine(
+    directions: Sequence[Mapping[str, torch.Tensor]], c: torch.Tensor, groups: Mapping[str, int] | None = None
+) -> TensorDict:
     """θ(c) − W0 = Σ_j c_{g(m), j} D_j[m] per module, in c's dtype; differentiable in c."""
     rows = c.unsqueeze(0) if c.dim() == 1 else c
     if c.dim() not in (1, 2) or rows.shape[1] != len(directions):
-        raise ValueError(f"combine: c has shape {tuple(c.shape)}, expected ({len(directions)},) or (G, {len(directions)})")
+        raise ValueError(
+            f"combine: c has shape {tuple(c.shape)}, expected ({len(directions)},) or (G, {len(directions)})"
+        )
     if c.dim() == 2:
         _check_groups(directions[0], groups, rows.shape[0], "combine")
     out: TensorDict = {}
@@ -164,13 +173,19 @@ def weight_names(model: torch.nn.Module, keys: Sequence[str] | Mapping[str, obje
 
 
 def merged_logits(
-    model: torch.nn.Module, names: Mapping[str, str], w0: Mapping[str, torch.Tensor],
-    directions: Sequence[Mapping[str, torch.Tensor]], c: torch.Tensor, groups: Mapping[str, int] | None,
+    model: torch.nn.Module,
+    names: Mapping[str, str],
+    w0: Mapping[str, torch.Tensor],
+    directions: Sequence[Mapping[str, torch.Tensor]],
+    c: torch.Tensor,
+    groups: Mapping[str, int] | None,
     batch: Mapping[str, torch.Tensor],
 ) -> torch.Tensor:
     """Logits of θ(c) = W0 + combine(c): the adapted weights are substituted for this call only."""
     delta = combine(directions, c, groups)
-    params = {names[key]: (w0[key].to(d.device, d.dtype) + d).to(base_weight(model, key).dtype) for key, d in delta.items()}
+    params = {
+        names[key]: (w0[key].to(d.device, d.dtype) + d).to(base_weight(model, key).dtype) for key, d in delta.items()
+    }
     inputs = {name: value for name, value in batch.items() if name != "labels"}
     return functional_call(model, params, args=(), kwargs=inputs).logits
 
@@ -225,9 +240,15 @@ def _check_no_active_lora(model: torch.nn.Module) -> None:
 
 
 def optimize_coefficients(
-    model: torch.nn.Module, directions: Sequence[Mapping[str, torch.Tensor]], w0: Mapping[str, torch.Tensor],
-    batches: Sequence[Mapping[str, torch.Tensor]], c_init: torch.Tensor, settings: TRMSettings, *,
-    grad_all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1,
+    model: torch.nn.Module,
+    directions: Sequence[Mapping[str, torch.Tensor]],
+    w0: Mapping[str, torch.Tensor],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    c_init: torch.Tensor,
+    settings: TRMSettings,
+    *,
+    grad_all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    world_size: int = 1,
     groups: Mapping[str, int] | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Adam on c for ``settings.steps`` steps over ``batches`` (cycled); returns (c, per-step log).
@@ -244,9 +265,13 @@ def optimize_coefficients(
     if not batches:
         raise ValueError("optimize_coefficients: batches is empty; expected task-t batches with 'labels'")
     if len(directions) != settings.snapshots + 1:
-        raise ValueError(f"optimize_coefficients: {len(directions)} directions, expected snapshots+1={settings.snapshots + 1}")
+        raise ValueError(
+            f"optimize_coefficients: {len(directions)} directions, expected snapshots+1={settings.snapshots + 1}"
+        )
     if c_init.dim() != (2 if settings.per_group else 1):
-        raise ValueError(f"optimize_coefficients: c_init has shape {tuple(c_init.shape)} but per_group={settings.per_group}")
+        raise ValueError(
+            f"optimize_coefficients: c_init has shape {tuple(c_init.shape)} but per_group={settings.per_group}"
+        )
     for j, d in enumerate(directions):
         check_same_layout(w0, d, reference_name="w0", other_name=f"directions[{j}]")
     _check_no_active_lora(model)
@@ -259,8 +284,11 @@ def optimize_coefficients(
     on_device = [{name: v.to(device) for name, v in batch.items()} for batch in batches]
     c = c_init.detach().clone().to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([c], lr=settings.lr)
-    weights = {"task_alignment": settings.align_weight, "prediction_consistency": settings.consistency_weight,
-               "gradient_responsiveness": settings.responsiveness_weight}
+    weights = {
+        "task_alignment": settings.align_weight,
+        "prediction_consistency": settings.consistency_weight,
+        "gradient_responsiveness": settings.responsiveness_weight,
+    }
     modes = {module: module.training for module in model.modules()}
     log: list[dict[str, float]] = []
     try:
@@ -274,7 +302,9 @@ def optimize_coefficients(
             logits_c = merged_logits(model, names, w0_moved, moved, c, groups, batch)
             terms = {
                 "task_alignment": task_alignment(logits_c, batch),
-                "prediction_consistency": prediction_consistency(logits_c, logits_prev[step % len(on_device)], batch["labels"]),
+                "prediction_consistency": prediction_consistency(
+                    logits_c, logits_prev[step % len(on_device)], batch["labels"]
+                ),
                 "gradient_responsiveness": gradient_responsiveness(logits_c, batch["labels"]),
             }
             total = sum(weights[name] * value for name, value in terms.items())

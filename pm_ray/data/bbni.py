@@ -25,8 +25,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "hyperbaton": {"path": "bigbench:hyperbaton"},
     "question_type": {"path": f"bigbench:{NI}/subtask046_miscellaenous_question_typing", "instruction_part": "prompt"},
     "qasc_answer": {"path": f"bigbench:{NI}/subtask041_qasc_answer_generation", "instruction_part": "prompt"},
-    "winogrande_answer": {"path": f"bigbench:{NI}/subtask033_winogrande_answer_generation",
-                          "instruction_part": "prompt"},
+    "winogrande_answer": {
+        "path": f"bigbench:{NI}/subtask033_winogrande_answer_generation",
+        "instruction_part": "prompt",
+    },
 }
 # The stream: multiple choice and generation interleaved, six domains (social commonsense, science
 # QA, assistant intents, question typing, fact checking, commonsense fill-in).
@@ -39,5 +41,4 @@ def bbni_specs(variant: str, seed: int, tasks: tuple[str, ...] = BBNI_TASKS) -> 
     if variant not in SIZES:
         raise ValueError(f"unknown bbni variant {variant!r}: expected one of {list(SIZES)}")
     train, test = SIZES[variant]
-    return [{"name": name, **CANDIDATES[name], "max_train": train, "max_test": test, "seed": seed}
-            for name in tasks]
+    return [{"name": name, **CANDIDATES[name], "max_train": train, "max_test": test, "seed": seed} for name in tasks]

@@ -55,17 +55,34 @@ def fetch_archive(cache_dir: Path | None = None, *, quiet: bool = False) -> Path
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"pm-ray: downloading {ARCHIVE_SPEC} (342 MB, once per machine) into {path.parent}",
-              file=sys.stderr, flush=True)
+        print(
+            f"pm-ray: downloading {ARCHIVE_SPEC} (342 MB, once per machine) into {path.parent}",
+            file=sys.stderr,
+            flush=True,
+        )
     tmp = path.parent / f".download-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-           ARCHIVE_SPEC, "-d", str(tmp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        ARCHIVE_SPEC,
+        "-d",
+        str(tmp),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     got = tmp / ARCHIVE_NAME
     if result.returncode != 0 or not got.exists():
-        raise TaskDataError(ARCHIVE_SPEC, f"could not download the BIG-bench archive with `{' '.join(cmd)}`: "
-                            f"{(result.stderr or result.stdout).strip()[-500:]}")
+        raise TaskDataError(
+            ARCHIVE_SPEC,
+            f"could not download the BIG-bench archive with `{' '.join(cmd)}`: "
+            f"{(result.stderr or result.stdout).strip()[-500:]}",
+        )
     os.replace(got, path)
     tmp.rmdir()
     return path
@@ -116,20 +133,29 @@ def ni_prompt(prefix: str, source: str) -> str:
     Avoid: ... Emphasis/Caution: ... Prompt: <one line>"), for CPU-sized prompts."""
     head, mark, tail = prefix.rpartition(NI_PROMPT_MARK)
     if not mark or not tail.strip():
-        raise TaskDataError(source, f"instruction_part='prompt' needs a Natural Instructions prefix with a "
-                            f"{NI_PROMPT_MARK!r} section")
+        raise TaskDataError(
+            source, f"instruction_part='prompt' needs a Natural Instructions prefix with a {NI_PROMPT_MARK!r} section"
+        )
     return tail.strip()
 
 
-def bigbench_rows(task: dict[str, Any], *, source: str, choices_in_prompt: ChoicesInPrompt = "auto",
-                  instruction_part: InstructionPart = "full") -> list[dict[str, Any]]:
+def bigbench_rows(
+    task: dict[str, Any],
+    *,
+    source: str,
+    choices_in_prompt: ChoicesInPrompt = "auto",
+    instruction_part: InstructionPart = "full",
+) -> list[dict[str, Any]]:
     """Instruction rows (instruction, input, output, and choices or references) of one task.json.
 
     instruction_part="prompt" keeps only the `Prompt:` line of a Natural Instructions prefix."""
     examples = task.get("examples")
     if not isinstance(examples, list) or not examples:
-        raise TaskDataError(source, "expected a non-empty list 'examples' (a BIG-bench JSON task; "
-                            "programmatic tasks have no task.json examples)")
+        raise TaskDataError(
+            source,
+            "expected a non-empty list 'examples' (a BIG-bench JSON task; "
+            "programmatic tasks have no task.json examples)",
+        )
     prefix = task.get("task_prefix")
     if prefix is not None and not isinstance(prefix, str):
         raise TaskDataError(source, f"'task_prefix' must be a string, got {type(prefix).__name__}")
@@ -138,14 +164,18 @@ def bigbench_rows(task: dict[str, Any], *, source: str, choices_in_prompt: Choic
         instruction = ni_prompt(instruction, source)
     if not instruction:
         raise TaskDataError(source, "no instruction: the task has neither 'task_prefix' nor 'description'")
-    append = bool(task.get("append_choices_to_input", True)) if choices_in_prompt == "auto" \
-        else choices_in_prompt == "list"
+    append = (
+        bool(task.get("append_choices_to_input", True)) if choices_in_prompt == "auto" else choices_in_prompt == "list"
+    )
     rows = [_row(ex, i, instruction, append, source) for i, ex in enumerate(examples)]
     kinds = {"choices" in r for r in rows}
     if len(kinds) > 1:
         first = next(i for i, r in enumerate(rows) if ("choices" in r) != ("choices" in rows[0]))
-        raise TaskDataError(source, "mixes multiple-choice ('target_scores') and generation ('target') "
-                            "examples; a task is one or the other", row=first)
+        raise TaskDataError(
+            source,
+            "mixes multiple-choice ('target_scores') and generation ('target') examples; a task is one or the other",
+            row=first,
+        )
     return rows
 
 
@@ -162,21 +192,30 @@ def _row(ex: Any, i: int, instruction: str, append: bool, source: str) -> dict[s
     target = ex.get("target")
     targets = [target] if isinstance(target, str) else target
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise TaskDataError(where, f"expected 'target' (a string or list of strings) or 'target_scores', "
-                            f"got target={target!r}")
-    return {"instruction": instruction, "input": text.strip(), "output": targets[0].strip(),
-            "references": [t.strip() for t in targets]}
+        raise TaskDataError(
+            where, f"expected 'target' (a string or list of strings) or 'target_scores', got target={target!r}"
+        )
+    return {
+        "instruction": instruction,
+        "input": text.strip(),
+        "output": targets[0].strip(),
+        "references": [t.strip() for t in targets],
+    }
 
 
 def _choice_row(scores: Any, text: str, instruction: str, append: bool, where: str) -> dict[str, Any]:
-    if (not isinstance(scores, dict) or len(scores) < 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values())):
+    if (
+        not isinstance(scores, dict)
+        or len(scores) < 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values())
+    ):
         raise TaskDataError(where, f"'target_scores' must map at least 2 choices to numbers, got {scores!r}")
     best = max(scores.values())
     winners = [c for c, v in scores.items() if v == best]
     if len(winners) != 1 or best <= 0:
-        raise TaskDataError(where, f"'target_scores' needs exactly one best choice with a positive score, "
-                            f"got {scores!r}")
+        raise TaskDataError(
+            where, f"'target_scores' needs exactly one best choice with a positive score, got {scores!r}"
+        )
     choices = [c.strip() for c in scores]
     if len(set(choices)) != len(choices) or not all(choices):
         raise TaskDataError(where, f"choices must be distinct non-empty strings, got {list(scores)!r}")

@@ -27,10 +27,14 @@ def format_prompt(tokenizer: Any, row: Mapping[str, Any]) -> str:
     add_special_tokens=False in both paths, so train and eval see identical prompt ids).
     """
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user_message(row)}],
-                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message(row)}], add_generation_prompt=True, tokenize=False
+        )
     extra = (row.get("input") or "").strip()
-    text = (PLAIN_TEMPLATE_WITH_INPUT.format(instruction=str(row["instruction"]).strip(), input=extra)
-            if extra else PLAIN_TEMPLATE.format(instruction=str(row["instruction"]).strip()))
+    text = (
+        PLAIN_TEMPLATE_WITH_INPUT.format(instruction=str(row["instruction"]).strip(), input=extra)
+        if extra
+        else PLAIN_TEMPLATE.format(instruction=str(row["instruction"]).strip())
+    )
     bos = getattr(tokenizer, "bos_token", None)
     return f"{bos}{text}" if bos else text

@@ -36,8 +36,9 @@ def read_task_parquet(paths: str | Sequence[str]) -> Any:
     return ray.data.read_parquet(paths)
 
 
-def encode_block(batch: pa.Table, *, tokenizer: Any, max_length: int, kind: str,
-                 label_names: list[str] | None) -> dict[str, np.ndarray]:
+def encode_block(
+    batch: pa.Table, *, tokenizer: Any, max_length: int, kind: str, label_names: list[str] | None
+) -> dict[str, np.ndarray]:
     """`map_batches` function: encode a block and pad it to exactly `max_length` columns."""
     enc = encode_examples(tokenizer, batch.to_pylist(), max_length=max_length, kind=kind, label_names=label_names)
     pad = max_length - enc["input_ids"].shape[1]
@@ -50,12 +51,16 @@ def encode_block(batch: pa.Table, *, tokenizer: Any, max_length: int, kind: str,
     return out
 
 
-def tokenized_dataset(ds: Any, tokenizer: Any, *, max_length: int, kind: str,
-                      label_names: list[str] | None = None, batch_size: int = 256) -> Any:
+def tokenized_dataset(
+    ds: Any, tokenizer: Any, *, max_length: int, kind: str, label_names: list[str] | None = None, batch_size: int = 256
+) -> Any:
     """Tokenise a Ray Dataset of task rows with `map_batches` (lazy, streaming)."""
-    return ds.map_batches(encode_block, batch_size=batch_size, batch_format="pyarrow",
-                          fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "kind": kind,
-                                     "label_names": label_names})
+    return ds.map_batches(
+        encode_block,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "kind": kind, "label_names": label_names},
+    )
 
 
 def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -59,8 +59,7 @@ def _read_json_records(p: Path) -> pa.Table:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise TaskDataError(source, f"expected a JSON list of objects (Alpaca/TRACE layout), got "
-                            f"{type(data).__name__}")
+        raise TaskDataError(source, f"expected a JSON list of objects (Alpaca/TRACE layout), got {type(data).__name__}")
     if not data:
         raise TaskDataError(source, "empty task split: the JSON list has no rows")
     records: list[dict[str, Any]] = []
@@ -76,8 +75,14 @@ def _read_json_records(p: Path) -> pa.Table:
     return pa.table({k: _json_column(source, k, [rec.get(k) for rec in records]) for k in keys})
 
 
-_JSON_TYPE_NAMES: dict[type, str] = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-                                     list: "a list", dict: "an object"}
+_JSON_TYPE_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def _json_column(source: str, column: str, values: list[Any]) -> pa.Array:
@@ -88,9 +93,13 @@ def _json_column(source: str, column: str, values: list[Any]) -> pa.Array:
         i0, v0 = first
         for i, v in enumerate(values):
             if v is not None and type(v) is not type(v0):
-                raise TaskDataError(source, f"got {type(v).__name__} {v!r}, expected "
-                                    f"{_JSON_TYPE_NAMES.get(type(v0), type(v0).__name__)} like row {i0}",
-                                    row=i, column=column)
+                raise TaskDataError(
+                    source,
+                    f"got {type(v).__name__} {v!r}, expected "
+                    f"{_JSON_TYPE_NAMES.get(type(v0), type(v0).__name__)} like row {i0}",
+                    row=i,
+                    column=column,
+                )
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
@@ -120,8 +129,9 @@ def make_task(name: str, kind: str, train: pa.Table, test: pa.Table, *, source: 
         raise TaskDataError(source or name, f"unknown task kind {kind!r}: expected one of {list(TASK_KINDS)}")
     train_t = validate_table(train, kind, source=f"{source or name}/train")
     test_t = validate_table(test, kind, source=f"{source or name}/test")
-    return _finish_task(name, kind, train_t, test_t, train_source=f"{source or name}/train",
-                        test_source=f"{source or name}/test")
+    return _finish_task(
+        name, kind, train_t, test_t, train_source=f"{source or name}/train", test_source=f"{source or name}/test"
+    )
 
 
 def load_task(name: str, kind: str, train_path: str | Path, test_path: str | Path) -> Task:
@@ -133,21 +143,27 @@ def load_task(name: str, kind: str, train_path: str | Path, test_path: str | Pat
     return _finish_task(name, kind, train, test, train_source=str(train_path), test_source=str(test_path))
 
 
-def _finish_task(name: str, kind: str, train: pa.Table, test: pa.Table, *,
-                 train_source: str, test_source: str) -> Task:
+def _finish_task(name: str, kind: str, train: pa.Table, test: pa.Table, *, train_source: str, test_source: str) -> Task:
     labels: list[str] | None = None
     if kind == "instruction":
         if ("choices" in train.column_names) != ("choices" in test.column_names):
-            raise TaskDataError(test_source, "choices must be present in both train and test or in neither "
-                                f"(train {train_source} has them: {'choices' in train.column_names})",
-                                column="choices")
+            raise TaskDataError(
+                test_source,
+                "choices must be present in both train and test or in neither "
+                f"(train {train_source} has them: {'choices' in train.column_names})",
+                column="choices",
+            )
     else:
         labels = sorted(set(train.column("label").to_pylist()))
         unseen = sorted(set(test.column("label").to_pylist()) - set(labels))
         if unseen:
             row = test.column("label").to_pylist().index(unseen[0])
-            raise TaskDataError(test_source, f"label {unseen[0]!r} never occurs in the training split "
-                                f"{train_source} (its labels: {labels})", row=row, column="label")
+            raise TaskDataError(
+                test_source,
+                f"label {unseen[0]!r} never occurs in the training split {train_source} (its labels: {labels})",
+                row=row,
+                column="label",
+            )
     _warn_overlap(name, kind, train, test)
     return Task(name=name, kind=kind, train=train, test=test, labels=labels)  # type: ignore[arg-type]
 
@@ -156,8 +172,12 @@ def _warn_overlap(name: str, kind: str, train: pa.Table, test: pa.Table) -> int:
     train_keys = {example_key(r, kind) for r in train.to_pylist()}
     overlap = sum(example_key(r, kind) in train_keys for r in test.to_pylist())
     if overlap:
-        warnings.warn(f"task {name!r}: {overlap} of {test.num_rows} test examples also occur in the "
-                      "training split (identical inputs)", TrainTestOverlapWarning, stacklevel=3)
+        warnings.warn(
+            f"task {name!r}: {overlap} of {test.num_rows} test examples also occur in the "
+            "training split (identical inputs)",
+            TrainTestOverlapWarning,
+            stacklevel=3,
+        )
     return overlap
 
 
@@ -168,13 +188,17 @@ def load_stream(specs: list[dict[str, Any]]) -> list[Task]:
     seen: dict[str, int] = {}
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict):
-            raise ValueError(f"task stream entry {i}: expected a mapping with keys {list(STREAM_SPEC_KEYS)}, "
-                             f"got {type(spec).__name__}")
+            raise ValueError(
+                f"task stream entry {i}: expected a mapping with keys {list(STREAM_SPEC_KEYS)}, "
+                f"got {type(spec).__name__}"
+            )
         missing = [k for k in STREAM_SPEC_KEYS if k not in spec]
         unknown = [k for k in spec if k not in STREAM_SPEC_KEYS]
         if missing or unknown:
-            raise ValueError(f"task stream entry {i} ({spec.get('name', '?')!r}): missing keys {missing}, "
-                             f"unknown keys {unknown}; expected exactly {list(STREAM_SPEC_KEYS)}")
+            raise ValueError(
+                f"task stream entry {i} ({spec.get('name', '?')!r}): missing keys {missing}, "
+                f"unknown keys {unknown}; expected exactly {list(STREAM_SPEC_KEYS)}"
+            )
         name = spec["name"]
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"task stream entry {i}: name must be a non-empty string, got {name!r}")

@@ -69,15 +69,17 @@ def columns_for(kind: str) -> dict[str, tuple[bool, str]]:
     raise ValueError(f"unknown task kind {kind!r}: expected one of {list(TASK_KINDS)}")
 
 
-def _check_string(value: object, *, source: str, row: int, column: str, expected: str,
-                  allow_null: bool, allow_empty: bool) -> str:
+def _check_string(
+    value: object, *, source: str, row: int, column: str, expected: str, allow_null: bool, allow_empty: bool
+) -> str:
     if value is None:
         if allow_null:
             return ""
         raise TaskDataError(source, f"null value, expected {expected}", row=row, column=column)
     if not isinstance(value, str):
-        raise TaskDataError(source, f"got {type(value).__name__} {value!r}, expected {expected}",
-                            row=row, column=column)
+        raise TaskDataError(
+            source, f"got {type(value).__name__} {value!r}, expected {expected}", row=row, column=column
+        )
     if not allow_empty and not value.strip():
         raise TaskDataError(source, f"empty string, expected {expected}", row=row, column=column)
     return value
@@ -92,8 +94,7 @@ def _check_choices(value: object, output: str, *, source: str, row: int) -> list
     if len(value) < 2 or len(set(value)) != len(value):
         raise TaskDataError(source, f"got {value!r}, expected {expected}", row=row, column="choices")
     if output not in value:
-        raise TaskDataError(source, f"output {output!r} is not one of the choices {value!r}",
-                            row=row, column="choices")
+        raise TaskDataError(source, f"output {output!r} is not one of the choices {value!r}", row=row, column="choices")
     return value
 
 
@@ -110,8 +111,12 @@ def _uniform_optional(values: list, column: str, source: str) -> pa.Array | None
     """An optional list column: present on every row (an Arrow list column) or on none (None)."""
     nulls = [i for i, c in enumerate(values) if c is None]
     if nulls and len(nulls) != len(values):
-        raise TaskDataError(source, f"{column} given on some rows but null here; a task has {column} "
-                            "on every row or on none", row=nulls[0], column=column)
+        raise TaskDataError(
+            source,
+            f"{column} given on some rows but null here; a task has {column} on every row or on none",
+            row=nulls[0],
+            column=column,
+        )
     return None if nulls else pa.array(values, pa.list_(pa.string()))
 
 
@@ -141,14 +146,37 @@ def _normalise_instruction(rows: list[dict], column_names: list[str], *, source:
     has_choices = "choices" in column_names
     has_references = "references" in column_names
     for i, r in enumerate(rows):
-        instructions.append(_check_string(r["instruction"], source=source, row=i, column="instruction",
-                                          expected=INSTRUCTION_COLUMNS["instruction"][1],
-                                          allow_null=False, allow_empty=False))
-        inputs.append(_check_string(r.get("input"), source=source, row=i, column="input",
-                                    expected=INSTRUCTION_COLUMNS["input"][1],
-                                    allow_null=True, allow_empty=True))
-        out = _check_string(r["output"], source=source, row=i, column="output",
-                            expected=INSTRUCTION_COLUMNS["output"][1], allow_null=False, allow_empty=True)
+        instructions.append(
+            _check_string(
+                r["instruction"],
+                source=source,
+                row=i,
+                column="instruction",
+                expected=INSTRUCTION_COLUMNS["instruction"][1],
+                allow_null=False,
+                allow_empty=False,
+            )
+        )
+        inputs.append(
+            _check_string(
+                r.get("input"),
+                source=source,
+                row=i,
+                column="input",
+                expected=INSTRUCTION_COLUMNS["input"][1],
+                allow_null=True,
+                allow_empty=True,
+            )
+        )
+        out = _check_string(
+            r["output"],
+            source=source,
+            row=i,
+            column="output",
+            expected=INSTRUCTION_COLUMNS["output"][1],
+            allow_null=False,
+            allow_empty=True,
+        )
         outputs.append(out)
         if has_choices:
             choices.append(_check_choices(r.get("choices"), out, source=source, row=i))
@@ -164,21 +192,34 @@ def _normalise_instruction(rows: list[dict], column_names: list[str], *, source:
         if array is not None:
             columns[name] = array
     if "choices" in columns and "references" in columns:
-        raise TaskDataError(source, "a task has choices (multiple choice) or references (generation), not both",
-                            column="references")
+        raise TaskDataError(
+            source, "a task has choices (multiple choice) or references (generation), not both", column="references"
+        )
     return pa.table(columns)
 
 
 def _normalise_classification(rows: list[dict], *, source: str) -> pa.Table:
     texts, labels = [], []
     for i, r in enumerate(rows):
-        texts.append(_check_string(r["text"], source=source, row=i, column="text",
-                                   expected=CLASSIFICATION_COLUMNS["text"][1],
-                                   allow_null=False, allow_empty=False))
+        texts.append(
+            _check_string(
+                r["text"],
+                source=source,
+                row=i,
+                column="text",
+                expected=CLASSIFICATION_COLUMNS["text"][1],
+                allow_null=False,
+                allow_empty=False,
+            )
+        )
         label = r["label"]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise TaskDataError(source, f"got {type(label).__name__} {label!r}, expected "
-                                f"{CLASSIFICATION_COLUMNS['label'][1]}", row=i, column="label")
+            raise TaskDataError(
+                source,
+                f"got {type(label).__name__} {label!r}, expected {CLASSIFICATION_COLUMNS['label'][1]}",
+                row=i,
+                column="label",
+            )
         if isinstance(label, str) and not label.strip():
             raise TaskDataError(source, "empty label, expected a non-empty class name", row=i, column="label")
         labels.append(str(label))

@@ -28,8 +28,17 @@ from pm_ray.data.superni import read_superni, superni_rows
 
 FORMATS: tuple[str, ...] = ("auto", "jsonl", "parquet", "alpaca", "trace", "bigbench", "superni")
 SOURCE_KEYS: dict[str, Any] = {
-    "name": None, "kind": "instruction", "format": "auto", "train": None, "test": None, "path": None,
-    "max_train": None, "max_test": None, "seed": 0, "choices_in_prompt": "auto", "positive_examples": 0,
+    "name": None,
+    "kind": "instruction",
+    "format": "auto",
+    "train": None,
+    "test": None,
+    "path": None,
+    "max_train": None,
+    "max_test": None,
+    "seed": 0,
+    "choices_in_prompt": "auto",
+    "positive_examples": 0,
     "instruction_part": "full",
 }
 DEFAULT_MAX_TEST = 200  # a single-file source without max_test: 200 test rows
@@ -63,18 +72,22 @@ def _detect_format(path: Path) -> str:
 def _read_rows(ref: str, fmt: str, spec: dict[str, Any]) -> list[dict[str, Any]] | pa.Table:
     """A file's examples: instruction rows for bigbench/superni, an Arrow table for the others."""
     if ref.startswith(BIGBENCH_SCHEME):
-        task = ref[len(BIGBENCH_SCHEME):]
+        task = ref[len(BIGBENCH_SCHEME) :]
         data = bigbench.read_archive_tasks(bigbench.fetch_archive(), [task])[task]
-        return bigbench.bigbench_rows(data, source=ref, choices_in_prompt=spec["choices_in_prompt"],
-                                      instruction_part=spec["instruction_part"])
+        return bigbench.bigbench_rows(
+            data, source=ref, choices_in_prompt=spec["choices_in_prompt"], instruction_part=spec["instruction_part"]
+        )
     path = Path(ref).expanduser()
     if not path.exists():
         raise TaskDataError(str(path), "file does not exist")
     fmt = _detect_format(path) if fmt == "auto" else fmt
     if fmt == "bigbench":
-        return bigbench.bigbench_rows(bigbench.read_task_file(path), source=str(path),
-                                      choices_in_prompt=spec["choices_in_prompt"],
-                                      instruction_part=spec["instruction_part"])
+        return bigbench.bigbench_rows(
+            bigbench.read_task_file(path),
+            source=str(path),
+            choices_in_prompt=spec["choices_in_prompt"],
+            instruction_part=spec["instruction_part"],
+        )
     if fmt == "superni":
         return read_superni(path, positive_examples=spec["positive_examples"])
     if fmt in ("alpaca", "trace"):
@@ -129,8 +142,13 @@ def load_source(spec: dict[str, Any]) -> Task:
         rows = _as_rows(_read_rows(source, fmt, spec))
         if not rows:
             raise TaskDataError(source, "no examples")
-        train, test = split_rows(rows, max_train=spec["max_train"], max_test=spec["max_test"] or DEFAULT_MAX_TEST,
-                                 seed=spec["seed"], source=source)
+        train, test = split_rows(
+            rows,
+            max_train=spec["max_train"],
+            max_test=spec["max_test"] or DEFAULT_MAX_TEST,
+            seed=spec["seed"],
+            source=source,
+        )
         return make_task(name, kind, _as_table(train, kind), _as_table(test, kind), source=source)
     tables = []
     for split in ("train", "test"):
@@ -150,8 +168,9 @@ def load_sources(specs: list[Any]) -> list[Task]:
     seen: dict[str, int] = {}
     for i, spec in enumerate(normalised):
         if spec["name"] in seen:
-            raise TaskDataError(f"tasks.files[{i}]", f"duplicate task name {spec['name']!r} "
-                                f"(also tasks.files[{seen[spec['name']]}])")
+            raise TaskDataError(
+                f"tasks.files[{i}]", f"duplicate task name {spec['name']!r} (also tasks.files[{seen[spec['name']]}])"
+            )
         seen[spec["name"]] = i
     return [load_source(s) for s in normalised]
 

@@ -45,8 +45,7 @@ def label_of(rows: list[Row]) -> list[str] | None:
     return None
 
 
-def balanced_take(indices: list[int], labels: list[str] | None, count: int | None,
-                  rng: random.Random) -> list[int]:
+def balanced_take(indices: list[int], labels: list[str] | None, count: int | None, rng: random.Random) -> list[int]:
     """`count` of `indices` (all when None), balanced over `labels`, in a seeded order."""
     pool = list(indices)
     rng.shuffle(pool)
@@ -69,8 +68,9 @@ def balanced_take(indices: list[int], labels: list[str] | None, count: int | Non
     return taken
 
 
-def split_rows(rows: list[Row], *, max_train: int | None, max_test: int, seed: int,
-               source: str) -> tuple[list[Row], list[Row]]:
+def split_rows(
+    rows: list[Row], *, max_train: int | None, max_test: int, seed: int, source: str
+) -> tuple[list[Row], list[Row]]:
     """(train, test) subsets of `rows`: test first, then train from the remaining examples."""
     rows = dedupe(rows)
     if len(rows) < 2:

@@ -55,7 +55,8 @@ def _task_rng(seed: int, task: str) -> random.Random:
 def _synthetic(make: Callable[[random.Random], Row]) -> Callable[[int, SuiteSize, random.Random], SplitRows]:
     def build(seed: int, size: SuiteSize, rng: random.Random) -> SplitRows:
         rows = unique_rows(make, rng, size.train + size.test)
-        return rows[: size.train], rows[size.train:]
+        return rows[: size.train], rows[size.train :]
+
     return build
 
 
@@ -85,8 +86,12 @@ CIT5_BUILDERS: dict[str, Callable[[int, SuiteSize, random.Random], SplitRows]] =
 
 def table_hash(table: pa.Table) -> str:
     """sha256 of the table's rows as canonical JSON (independent of Parquet encoding details)."""
-    payload = json.dumps({"columns": table.column_names, "rows": table.to_pylist()}, sort_keys=True,
-                         ensure_ascii=False, separators=(",", ":"))
+    payload = json.dumps(
+        {"columns": table.column_names, "rows": table.to_pylist()},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -94,8 +99,10 @@ def generate_cit5(*, variant: str, seed: int) -> dict[str, tuple[pa.Table, pa.Ta
     if variant not in VARIANTS:
         raise ValueError(f"unknown cit5 variant {variant!r}: expected one of {list(VARIANTS)}")
     size = VARIANTS[variant]
-    return {name: tuple(rows_to_table(r) for r in CIT5_BUILDERS[name](seed, size, _task_rng(seed, name)))
-            for name in CIT5_TASKS}  # type: ignore[misc]
+    return {
+        name: tuple(rows_to_table(r) for r in CIT5_BUILDERS[name](seed, size, _task_rng(seed, name)))
+        for name in CIT5_TASKS
+    }  # type: ignore[misc]
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -123,19 +130,23 @@ def _load_cached(directory: Path, name: str) -> dict[str, tuple[pa.Table, pa.Tab
             for split in ("train", "test"):
                 table = pq.read_table(directory / entry[f"{split}_file"])
                 if table_hash(table) != entry[f"{split}_sha256"]:
-                    warnings.warn(f"{directory}: {entry[f'{split}_file']} does not match its content hash; "
-                                  "regenerating the suite")
+                    warnings.warn(
+                        f"{directory}: {entry[f'{split}_file']} does not match its content hash; "
+                        "regenerating the suite",
+                        stacklevel=2,
+                    )
                     return None
                 tables.append(table)
             out[entry["name"]] = (tables[0], tables[1])
         return out
     except (OSError, KeyError, ValueError, pa.ArrowInvalid) as e:
-        warnings.warn(f"{directory}: unreadable suite cache ({e}); regenerating")
+        warnings.warn(f"{directory}: unreadable suite cache ({e}); regenerating", stacklevel=2)
         return None
 
 
-def _write_cache(directory: Path, name: str, variant: str, seed: int,
-                 tables: dict[str, tuple[pa.Table, pa.Table]]) -> None:
+def _write_cache(
+    directory: Path, name: str, variant: str, seed: int, tables: dict[str, tuple[pa.Table, pa.Table]]
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, (task, (train, test)) in enumerate(tables.items()):
@@ -163,12 +174,19 @@ def generate_bbni(*, variant: str, seed: int, choices_in_prompt: str = "auto") -
 
 
 GENERATORS: dict[str, Callable[..., dict[str, tuple[pa.Table, pa.Table]]]] = {
-    "bbni": generate_bbni, "cit5": generate_cit5,
+    "bbni": generate_bbni,
+    "cit5": generate_cit5,
 }
 
 
-def build_suite(name: str = "cit5", *, variant: str = "full", seed: int = 0,
-                cache_dir: str | Path | None = None, choices_in_prompt: str = "auto") -> list[Task]:
+def build_suite(
+    name: str = "cit5",
+    *,
+    variant: str = "full",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    choices_in_prompt: str = "auto",
+) -> list[Task]:
     """The suite's tasks in stream order. With `cache_dir`, Parquet files + manifest.json (content
     hashes) are written to cache_dir/<name>-<variant>-seed<seed>/ and reused when they match.
     `choices_in_prompt` (auto | list | hide) sets the prompt style of bbni's multiple-choice tasks."""
@@ -189,5 +207,6 @@ def build_suite(name: str = "cit5", *, variant: str = "full", seed: int = 0,
         tables = GENERATORS[name](variant=variant, seed=seed, **extra)
         if directory is not None:
             _write_cache(directory, name, variant, seed, tables)
-    return [make_task(task, "instruction", train, test, source=f"{name}:{task}")
-            for task, (train, test) in tables.items()]
+    return [
+        make_task(task, "instruction", train, test, source=f"{name}:{task}") for task, (train, test) in tables.items()
+    ]

@@ -33,8 +33,7 @@ def read_superni(path: str | Path, *, positive_examples: int = 0) -> list[dict[s
 def _definition(data: dict[str, Any], source: str) -> str:
     definition = data.get("Definition")
     parts = [definition] if isinstance(definition, str) else definition
-    if not isinstance(parts, list) or not all(isinstance(s, str) for s in parts) \
-            or not "".join(parts).strip():
+    if not isinstance(parts, list) or not all(isinstance(s, str) for s in parts) or not "".join(parts).strip():
         raise TaskDataError(source, f"'Definition' must be a non-empty string or list of strings, got {definition!r}")
     return "\n\n".join(s.strip() for s in parts if s.strip())
 
@@ -42,20 +41,26 @@ def _definition(data: dict[str, Any], source: str) -> str:
 def _demonstrations(data: dict[str, Any], count: int, source: str) -> str:
     examples = data.get("Positive Examples") or []
     if not isinstance(examples, list) or len(examples) < count:
-        raise TaskDataError(source, f"positive_examples={count} but the task has "
-                            f"{len(examples) if isinstance(examples, list) else 0} 'Positive Examples'")
+        raise TaskDataError(
+            source,
+            f"positive_examples={count} but the task has "
+            f"{len(examples) if isinstance(examples, list) else 0} 'Positive Examples'",
+        )
     lines = []
     for k, ex in enumerate(examples[:count]):
         if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not isinstance(ex.get("output"), str):
-            raise TaskDataError(f"{source}, positive example {k}", "expected an object with string 'input' and 'output'")
+            raise TaskDataError(
+                f"{source}, positive example {k}", "expected an object with string 'input' and 'output'"
+            )
         lines.append(f"Positive Example {k + 1} -\nInput: {ex['input'].strip()}\nOutput: {ex['output'].strip()}")
     return "\n\n".join(lines)
 
 
 def superni_rows(data: Any, *, source: str, positive_examples: int = 0) -> list[dict[str, Any]]:
     if not isinstance(data, dict):
-        raise TaskDataError(source, f"expected a SuperNI task object with 'Definition' and 'Instances', "
-                            f"got {type(data).__name__}")
+        raise TaskDataError(
+            source, f"expected a SuperNI task object with 'Definition' and 'Instances', got {type(data).__name__}"
+        )
     instruction = _definition(data, source)
     if positive_examples:
         instruction = f"{instruction}\n\n{_demonstrations(data, positive_examples, source)}"
@@ -74,6 +79,12 @@ def superni_rows(data: Any, *, source: str, positive_examples: int = 0) -> list[
             outputs = [outputs]
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
             raise TaskDataError(where, f"'output' must be a non-empty list of strings, got {outputs!r}")
-        rows.append({"instruction": instruction, "input": text.strip(), "output": outputs[0].strip(),
-                     "references": [o.strip() for o in outputs]})
+        rows.append(
+            {
+                "instruction": instruction,
+                "input": text.strip(),
+                "output": outputs[0].strip(),
+                "references": [o.strip() for o in outputs],
+            }
+        )
     return rows

@@ -72,13 +72,22 @@ def fit_pair(prompt: list[int], target: list[int], max_length: int) -> tuple[lis
 
 def _warn_truncated(truncated: int, total: int, max_length: int) -> None:
     if truncated:
-        warnings.warn(f"{truncated} of {total} examples were longer than max_length={max_length} "
-                      "and were truncated", TruncationWarning, stacklevel=3)
+        warnings.warn(
+            f"{truncated} of {total} examples were longer than max_length={max_length} and were truncated",
+            TruncationWarning,
+            stacklevel=3,
+        )
 
 
-def encode_examples(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_length: int, kind: str,
-                    label_names: Sequence[str] | None = None,
-                    stats: TruncationStats | None = None) -> dict[str, Tensor]:
+def encode_examples(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    max_length: int,
+    kind: str,
+    label_names: Sequence[str] | None = None,
+    stats: TruncationStats | None = None,
+) -> dict[str, Tensor]:
     """Encode rows into a right-padded training batch.
 
     instruction: input_ids, attention_mask, labels (-100 on prompt and padding).
@@ -100,13 +109,15 @@ def encode_examples(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_le
     return batch
 
 
-def _encode_instruction(tokenizer: Any, rows: Sequence[Mapping[str, Any]],
-                        max_length: int) -> tuple[dict[str, Tensor], int]:
+def _encode_instruction(
+    tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int
+) -> tuple[dict[str, Tensor], int]:
     seqs: list[tuple[list[int], list[int]]] = []
     truncated = 0
     for row in rows:
-        prompt, target, cut = fit_pair(_ids(tokenizer, format_prompt(tokenizer, row)),
-                                       answer_ids(tokenizer, str(row["output"])), max_length)
+        prompt, target, cut = fit_pair(
+            _ids(tokenizer, format_prompt(tokenizer, row)), answer_ids(tokenizer, str(row["output"])), max_length
+        )
         truncated += cut
         seqs.append((prompt, target))
     return collate_pairs(seqs, pad_token_id(tokenizer)), truncated
@@ -122,18 +133,20 @@ def collate_pairs(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> d
         n = len(p) + len(t)
         input_ids[i, :n] = torch.tensor(p + t, dtype=torch.long)
         attention_mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(t, dtype=torch.long)
+        labels[i, len(p) : n] = torch.tensor(t, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _encode_classification(tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int,
-                           label_names: list[str]) -> tuple[dict[str, Tensor], int]:
+def _encode_classification(
+    tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int, label_names: list[str]
+) -> tuple[dict[str, Tensor], int]:
     index = {name: i for i, name in enumerate(label_names)}
     texts = [str(r["text"]) for r in rows]
     full = tokenizer(texts, add_special_tokens=True)["input_ids"]
     truncated = sum(len(ids) > max_length for ids in full)
-    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length,
-                    padding=True, return_tensors="pt")
+    enc = tokenizer(
+        texts, add_special_tokens=True, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
     try:
         labels = torch.tensor([index[str(r["label"])] for r in rows], dtype=torch.long)
     except KeyError as e:
@@ -141,8 +154,9 @@ def _encode_classification(tokenizer: Any, rows: Sequence[Mapping[str, Any]], ma
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}, truncated
 
 
-def encode_prompts(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_length: int,
-                   stats: TruncationStats | None = None) -> dict[str, Tensor]:
+def encode_prompts(
+    tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_length: int, stats: TruncationStats | None = None
+) -> dict[str, Tensor]:
     """Left-padded prompt batch for generation (prompts longer than max_length keep their end)."""
     pad_id = pad_token_id(tokenizer)
     prompts = [_ids(tokenizer, format_prompt(tokenizer, r)) for r in rows]
@@ -152,8 +166,8 @@ def encode_prompts(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_len
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, width - len(p):] = 1
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, width - len(p) :] = 1
     if stats is not None:
         stats.add(len(rows), truncated)
     _warn_truncated(truncated, len(rows), max_length)
@@ -184,9 +198,18 @@ def _split_table(task: Task, split: str):
     return task.train if split == "train" else task.test
 
 
-def batch_iterator(task: Task, tokenizer: Any, *, batch_size: int, max_length: int, rank: int = 0,
-                   world_size: int = 1, seed: int = 0, split: str = "train",
-                   stats: TruncationStats | None = None) -> Iterator[dict[str, Tensor]]:
+def batch_iterator(
+    task: Task,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    max_length: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    split: str = "train",
+    stats: TruncationStats | None = None,
+) -> Iterator[dict[str, Tensor]]:
     """Endless stream of encoded batches over this rank's shard, reshuffled (seeded) every epoch.
 
     Batches are always full: an epoch's tail continues into the next epoch's order.
@@ -200,18 +223,28 @@ def batch_iterator(task: Task, tokenizer: Any, *, batch_size: int, max_length: i
     epoch = 0
     while True:
         while len(pending) < batch_size:
-            pending.extend(epoch_order(table.num_rows, seed=seed, epoch=epoch, rank=rank,
-                                       world_size=world_size).tolist())
+            pending.extend(
+                epoch_order(table.num_rows, seed=seed, epoch=epoch, rank=rank, world_size=world_size).tolist()
+            )
             epoch += 1
         take, pending = pending[:batch_size], pending[batch_size:]
         rows = table.take(take).to_pylist()
-        yield encode_examples(tokenizer, rows, max_length=max_length, kind=task.kind,
-                              label_names=task.labels, stats=stats)
+        yield encode_examples(
+            tokenizer, rows, max_length=max_length, kind=task.kind, label_names=task.labels, stats=stats
+        )
 
 
-def fisher_batches(task: Task, tokenizer: Any, *, num_samples: int, batch_size: int, max_length: int,
-                   rank: int = 0, world_size: int = 1,
-                   stats: TruncationStats | None = None) -> Iterator[dict[str, Tensor]]:
+def fisher_batches(
+    task: Task,
+    tokenizer: Any,
+    *,
+    num_samples: int,
+    batch_size: int,
+    max_length: int,
+    rank: int = 0,
+    world_size: int = 1,
+    stats: TruncationStats | None = None,
+) -> Iterator[dict[str, Tensor]]:
     """Finite batches over this rank's share of the first `num_samples` training rows (in file
     order); the ranks' shares are disjoint and together cover exactly those rows."""
     if num_samples < 1 or batch_size < 1:
@@ -219,6 +252,7 @@ def fisher_batches(task: Task, tokenizer: Any, *, num_samples: int, batch_size: 
     n = min(num_samples, task.train.num_rows)
     mine = shard_indices(n, rank, world_size).tolist()
     for start in range(0, len(mine), batch_size):
-        rows = task.train.take(mine[start:start + batch_size]).to_pylist()
-        yield encode_examples(tokenizer, rows, max_length=max_length, kind=task.kind,
-                              label_names=task.labels, stats=stats)
+        rows = task.train.take(mine[start : start + batch_size]).to_pylist()
+        yield encode_examples(
+            tokenizer, rows, max_length=max_length, kind=task.kind, label_names=task.labels, stats=stats
+        )

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from pm_ray.eval.evaluate import evaluate_task, evaluate_stream
+from pm_ray.eval.evaluate import evaluate_stream, evaluate_task
 
 __all__ = ["evaluate_task", "evaluate_stream"]

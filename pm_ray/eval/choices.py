@@ -37,8 +37,9 @@ def sequence_mean_logprob(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def choice_scores(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int,
-                  max_length: int) -> list[list[float]]:
+def choice_scores(
+    model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, max_length: int
+) -> list[list[float]]:
     """Length-normalised log-likelihood of every choice of every row (prompt run once per row)."""
     scores: list[list[float]] = [[] for _ in rows]
     cached: list[tuple[int, list[int], list[list[int]]]] = []
@@ -54,26 +55,36 @@ def choice_scores(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], 
         for (i, _, _), row_scores in zip(batch, _cached_batch_scores(model, tokenizer, batch, batch_size)):
             scores[i] = row_scores
     if fallback:
-        for i, s in zip(fallback, pairwise_choice_scores(model, tokenizer, [rows[i] for i in fallback],
-                                                         batch_size=batch_size, max_length=max_length)):
+        for i, s in zip(
+            fallback,
+            pairwise_choice_scores(
+                model, tokenizer, [rows[i] for i in fallback], batch_size=batch_size, max_length=max_length
+            ),
+        ):
             scores[i] = s
     return scores
 
 
-def _cached_batch_scores(model: nn.Module, tokenizer: Any, batch: list[tuple[int, list[int], list[list[int]]]],
-                         pair_batch_size: int) -> list[list[float]]:
+def _cached_batch_scores(
+    model: nn.Module, tokenizer: Any, batch: list[tuple[int, list[int], list[list[int]]]], pair_batch_size: int
+) -> list[list[float]]:
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
     width = max(len(p) for _, p, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for b, (_, p, _) in enumerate(batch):
-        input_ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[b, width - len(p):] = 1
+        input_ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[b, width - len(p) :] = 1
     prompt_mask = prompt_mask.to(device)
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids.to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)  # only the last position: it predicts the first choice token
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )  # only the last position: it predicts the first choice token
     first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # predicts each choice's first token
     lengths = prompt_mask.sum(-1)
     pairs = [(b, t) for b, (_, _, targets) in enumerate(batch) for t in targets]
@@ -86,12 +97,17 @@ def _cached_batch_scores(model: nn.Module, tokenizer: Any, batch: list[tuple[int
         ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), longest), dtype=torch.long)
         for k, (_, t) in enumerate(chunk):
-            ids[k, :len(t)] = torch.tensor(t, dtype=torch.long)
-            mask[k, :len(t)] = 1
+            ids[k, : len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[k, : len(t)] = 1
         ids, mask = ids.to(device), mask.to(device)
         pos = lengths[index].unsqueeze(1) + torch.arange(longest, device=device).unsqueeze(0)
-        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[index], mask], dim=1),
-                       position_ids=pos, past_key_values=cache, use_cache=True).logits
+        logits = model(
+            input_ids=ids,
+            attention_mask=torch.cat([prompt_mask[index], mask], dim=1),
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
         token_lp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
         for k, (b, t) in enumerate(chunk):
             total = float(first_lp[b, t[0]].double())
@@ -107,8 +123,9 @@ def _cached_batch_scores(model: nn.Module, tokenizer: Any, batch: list[tuple[int
 
 
 @torch.no_grad()
-def pairwise_choice_scores(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int,
-                           max_length: int) -> list[list[float]]:
+def pairwise_choice_scores(
+    model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, max_length: int
+) -> list[list[float]]:
     """Length-normalised log-likelihood of every choice of every row, one sequence per pair."""
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
@@ -121,8 +138,7 @@ def pairwise_choice_scores(model: nn.Module, tokenizer: Any, rows: list[dict[str
     scores: list[list[float]] = [[] for _ in rows]
     for batch in chunks(pairs, batch_size):
         enc = collate_pairs([(p, t) for _, p, t in batch], pad_id)
-        logits = model(input_ids=enc["input_ids"].to(device),
-                       attention_mask=enc["attention_mask"].to(device)).logits
+        logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
         for (i, _, _), s in zip(batch, sequence_mean_logprob(logits, enc["labels"].to(device)).tolist()):
             scores[i].append(s)
     return scores

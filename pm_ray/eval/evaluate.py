@@ -21,9 +21,19 @@ from pm_ray.eval.reduce import AllReduce, sum_counts
 from pm_ray.eval.rows import eval_rows
 
 
-def evaluate_task(model: nn.Module, tokenizer: Any, task: Task, *, batch_size: int = 16,
-                  max_new_tokens: int = 16, max_rows: int | None = None, rank: int = 0, world_size: int = 1,
-                  all_reduce: AllReduce | None = None, max_length: int = 1024) -> dict[str, Any]:
+def evaluate_task(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    max_rows: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce: AllReduce | None = None,
+    max_length: int = 1024,
+) -> dict[str, Any]:
     """Evaluate `model` on `task`.test. Returns {"score", "correct", "total", "metric", ...}.
 
     Classification adds "task_aware_score" / "task_aware_correct". `max_length` bounds prompt (and
@@ -34,20 +44,45 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: Task, *, batch_size: i
     model.eval()
     try:
         if task.kind == "classification":
-            agnostic, aware = (classification_counts(model, tokenizer, task, rows, batch_size=batch_size,
-                                                     max_length=max_length) if rows else (0, 0))
+            agnostic, aware = (
+                classification_counts(model, tokenizer, task, rows, batch_size=batch_size, max_length=max_length)
+                if rows
+                else (0, 0)
+            )
             correct, aware, total = sum_counts([agnostic, aware, len(rows)], all_reduce)
-            return {"score": correct / total, "correct": correct, "total": total,
-                    "task_aware_score": aware / total, "task_aware_correct": aware,
-                    "metric": "task_agnostic_accuracy"}
+            return {
+                "score": correct / total,
+                "correct": correct,
+                "total": total,
+                "task_aware_score": aware / total,
+                "task_aware_correct": aware,
+                "metric": "task_agnostic_accuracy",
+            }
         if task.has_choices:
-            local = (count_choice_correct(choice_scores(model, tokenizer, rows, batch_size=batch_size,
-                                                        max_length=max_length), rows) if rows else 0)
+            local = (
+                count_choice_correct(
+                    choice_scores(model, tokenizer, rows, batch_size=batch_size, max_length=max_length), rows
+                )
+                if rows
+                else 0
+            )
             metric = "choice_accuracy"
         else:
-            local = (count_exact_matches(generate_answers(model, tokenizer, rows, batch_size=batch_size,
-                                                          max_new_tokens=max_new_tokens,
-                                                          max_prompt_length=max_length), rows) if rows else 0)
+            local = (
+                count_exact_matches(
+                    generate_answers(
+                        model,
+                        tokenizer,
+                        rows,
+                        batch_size=batch_size,
+                        max_new_tokens=max_new_tokens,
+                        max_prompt_length=max_length,
+                    ),
+                    rows,
+                )
+                if rows
+                else 0
+            )
             metric = "exact_match"
         correct, total = sum_counts([local, len(rows)], all_reduce)
         return {"score": correct / total, "correct": correct, "total": total, "metric": metric}

@@ -13,8 +13,15 @@ from pm_ray.eval.rows import chunks, model_device
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int,
-                     max_new_tokens: int, max_prompt_length: int) -> list[str]:
+def generate_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    max_prompt_length: int,
+) -> list[str]:
     """Greedy answers (special tokens dropped), at most `max_new_tokens` tokens each."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -23,11 +30,16 @@ def generate_answers(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]
     answers: list[str] = []
     for batch_rows in chunks(rows, batch_size):
         enc = encode_prompts(tokenizer, batch_rows, max_length=max_prompt_length)
-        out = model.generate(input_ids=enc["input_ids"].to(device),
-                             attention_mask=enc["attention_mask"].to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        out = model.generate(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
         answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 

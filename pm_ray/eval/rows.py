@@ -23,7 +23,7 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {size}")
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def model_device(model: nn.Module) -> torch.device:

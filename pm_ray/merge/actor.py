@@ -45,7 +45,9 @@ class MergeShard:
             self.strategy = build_strategy(self.strategy_name, **self.options)
             if completed:
                 if state_file is None:
-                    raise ValueError(f"merge shard {self.shard}: {completed} tasks completed but no state file recorded")
+                    raise ValueError(
+                        f"merge shard {self.shard}: {completed} tasks completed but no state file recorded"
+                    )
                 self.strategy.load(state_file)
         self.fisher, self.fisher_task = {}, 0
         return self.strategy.num_tasks
@@ -69,7 +71,9 @@ class MergeShard:
     def partials(self, task: int, delta: TensorDict) -> dict[str, tuple[float, float]]:
         return self.strategy.partials(self._update(task, delta))
 
-    def merge(self, task: int, delta: TensorDict, alpha: Alpha | None, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    def merge(
+        self, task: int, delta: TensorDict, alpha: Alpha | None, extras: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         result = self.strategy.merge(self._update(task, delta, extras), alpha=alpha)
         path = self.stats_dir / f"shard{self.shard}-task{task}.safetensors"
         self.strategy.save(path)
@@ -89,10 +93,14 @@ def actor_name(run_name: str, shard: int) -> str:
     return f"pm-ray-merge:{run_name}:{shard}"
 
 
-def create_merge_actors(run_name: str, strategy: str, options: dict[str, Any], num_shards: int, stats_dir: str) -> list[Any]:
+def create_merge_actors(
+    run_name: str, strategy: str, options: dict[str, Any], num_shards: int, stats_dir: str
+) -> list[Any]:
     """Named actors for this run (get_if_exists: a second driver of the same run reuses them)."""
     return [
-        RemoteMergeShard.options(name=actor_name(run_name, k), get_if_exists=True).remote(strategy, options, k, num_shards, stats_dir)
+        RemoteMergeShard.options(name=actor_name(run_name, k), get_if_exists=True).remote(
+            strategy, options, k, num_shards, stats_dir
+        )
         for k in range(num_shards)
     ]
 
@@ -138,7 +146,9 @@ class MergeClient:
             split = self._split(value) if isinstance(value, dict) else [value] * self.num_shards
             for k in range(self.num_shards):
                 shard_extras[k][name] = split[k]
-        results = ray.get([h.merge.remote(task, part, alpha, ex) for h, part, ex in zip(self.handles, parts, shard_extras)])
+        results = ray.get(
+            [h.merge.remote(task, part, alpha, ex) for h, part, ex in zip(self.handles, parts, shard_extras)]
+        )
         if alpha is None and isinstance(results[0]["alpha"], dict):
             alpha = {key: value for r in results for key, value in r["alpha"].items()}
         elif alpha is None:

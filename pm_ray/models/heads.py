@@ -54,8 +54,9 @@ class TaskHeadClassifier(nn.Module):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         return mean_pool(out.last_hidden_state, attention_mask)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, task: str | None = None,
-                labels: Tensor | None = None, **_: Any) -> SequenceClassifierOutput:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, task: str | None = None, labels: Tensor | None = None, **_: Any
+    ) -> SequenceClassifierOutput:
         """Logits of `task`'s head (with cross-entropy `.loss` when labels are given), or with
         task=None the concatenated logits of all heads in the order they were added."""
         feats = self.features(input_ids, attention_mask)

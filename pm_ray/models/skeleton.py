@@ -27,7 +27,7 @@ def causal_lm_skeleton(name_or_path: str) -> nn.Module | None:
         with torch.device("meta"):
             return LlamaForCausalLM(config)
     if ref.startswith("bundled:"):
-        model_dir, entry = bundled_model_dir(ref[len("bundled:"):])
+        model_dir, entry = bundled_model_dir(ref[len("bundled:") :])
         extra = {"gguf_file": entry.gguf_file} if entry.gguf_file else {}
         config = AutoConfig.from_pretrained(str(model_dir), **extra)
     elif (Path(ref).expanduser() / "config.json").is_file():

@@ -35,9 +35,14 @@ def _byte_level_tokenizer(specials: tuple[str, ...], unk: str) -> Tokenizer:
 
 def tiny_llama_tokenizer(*, chat_template: str | None = None) -> PreTrainedTokenizerFast:
     tok = _byte_level_tokenizer(LLAMA_SPECIALS, "<unk>")
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", unk_token="<unk>",
-                                  additional_special_tokens=["<|user|>", "<|assistant|>"])
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
     out.padding_side = "right"
     if chat_template:
         out.chat_template = chat_template
@@ -47,7 +52,15 @@ def tiny_llama_tokenizer(*, chat_template: str | None = None) -> PreTrainedToken
 def tiny_bert_tokenizer() -> PreTrainedTokenizerFast:
     tok = _byte_level_tokenizer(BERT_SPECIALS, "[UNK]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", BERT_SPECIALS.index("[CLS]")), ("[SEP]", BERT_SPECIALS.index("[SEP]"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]",
-                                   pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", BERT_SPECIALS.index("[CLS]")), ("[SEP]", BERT_SPECIALS.index("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        mask_token="[MASK]",
+    )

@@ -23,20 +23,32 @@ from pm_ray.rundir import RunDir, RunState, write_json
 def save_adapter(model: Any, adapter: str, target: Path) -> None:
     """A standard PEFT adapter directory (adapter_model.safetensors + adapter_config.json)."""
     with atomic_directory(target, replace=True) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+        state = {
+            k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()
+        }
         save_file(state, str(tmp / "adapter_model.safetensors"))
         model.peft_config[adapter].save_pretrained(str(tmp))
 
 
-def write_merged(run: RunDir, state: RunState, merged: dict[str, torch.Tensor], keeps_adapter_stack: bool, tasks: list[Any]) -> None:
+def write_merged(
+    run: RunDir, state: RunState, merged: dict[str, torch.Tensor], keeps_adapter_stack: bool, tasks: list[Any]
+) -> None:
     """merged/delta.safetensors (θ̂ − W0), and for α-merges (keeps_adapter_stack) the equivalent
     stack Σ α_i Δ_i."""
-    save_tensors(run.merged_dir / "delta.safetensors", merged, {"kind": "merged_delta", "task": state.completed, "strategy": state.strategy})
+    save_tensors(
+        run.merged_dir / "delta.safetensors",
+        merged,
+        {"kind": "merged_delta", "task": state.completed, "strategy": state.strategy},
+    )
     stack_path = run.merged_dir / "stack.json"
     if keeps_adapter_stack:
         stack = [
-            {"task": i, "name": tasks[i - 1].name, "alpha": state.alphas[i - 1],
-             "adapter": str(run.task_dir(i, tasks[i - 1].name).relative_to(run.path) / "adapter")}
+            {
+                "task": i,
+                "name": tasks[i - 1].name,
+                "alpha": state.alphas[i - 1],
+                "adapter": str(run.task_dir(i, tasks[i - 1].name).relative_to(run.path) / "adapter"),
+            }
             for i in range(1, state.completed + 1)
         ]
         write_json(stack_path, {"task": state.completed, "stack": stack})
@@ -57,19 +69,45 @@ WARMUP_STEPS = 1  # the first step of a task also pays for the adapter, the engi
 PHASES = ("training", "fisher", "merge", "evaluation")
 
 
-def write_progress(run: RunDir, task: int, num_tasks: int, name: str, step: int, steps: int, loss: float, t_start: float,
-                   *, phase: str = "training", done: int | None = None, total: int | None = None,
-                   steady_s: float | None = None, steady_steps: int = 0) -> None:
+def write_progress(
+    run: RunDir,
+    task: int,
+    num_tasks: int,
+    name: str,
+    step: int,
+    steps: int,
+    loss: float,
+    t_start: float,
+    *,
+    phase: str = "training",
+    done: int | None = None,
+    total: int | None = None,
+    steady_s: float | None = None,
+    steady_steps: int = 0,
+) -> None:
     """progress.json: where rank 0 is (task, phase and its progress done/total, training step, loss) and
     the time since the task started; steady_s is the training time after the warm-up steps, over
     steady_steps steps (what the driver's ETA extrapolates from)."""
     elapsed = time.time() - t_start
-    write_json(run.path / "progress.json", {
-        "task": task, "num_tasks": num_tasks, "name": name, "phase": phase,
-        "done": step if done is None else done, "total": steps if total is None else total,
-        "step": step, "steps": steps, "loss": loss,
-        "task_elapsed_s": elapsed, "steady_s": steady_s, "steady_steps": steady_steps, "time": time.time(), "pid": os.getpid(),
-    })
+    write_json(
+        run.path / "progress.json",
+        {
+            "task": task,
+            "num_tasks": num_tasks,
+            "name": name,
+            "phase": phase,
+            "done": step if done is None else done,
+            "total": steps if total is None else total,
+            "step": step,
+            "steps": steps,
+            "loss": loss,
+            "task_elapsed_s": elapsed,
+            "steady_s": steady_s,
+            "steady_steps": steady_steps,
+            "time": time.time(),
+            "pid": os.getpid(),
+        },
+    )
 
 
 def fisher_batch_count(num_rows: int, num_samples: int, batch_size: int, world_size: int) -> int:
@@ -86,7 +124,14 @@ class TaskProgress:
     TIMING_KEYS = {"fisher": "fisher_s", "merge": "merge_s", "evaluation": "eval_s"}
 
     def __init__(self, run: RunDir, task: int, num_tasks: int, name: str, steps: int, enabled: bool = True) -> None:
-        self.run, self.task, self.num_tasks, self.name, self.steps, self.enabled = run, task, num_tasks, name, steps, enabled
+        self.run, self.task, self.num_tasks, self.name, self.steps, self.enabled = (
+            run,
+            task,
+            num_tasks,
+            name,
+            steps,
+            enabled,
+        )
         self.t_start = time.time()
         self.t_steady: float | None = None
         self.step_done, self.loss = 0, float("nan")
@@ -97,8 +142,21 @@ class TaskProgress:
     def _write(self, done: int, total: int) -> None:
         if self.enabled:
             steady_s, steady_steps = self.steady
-            write_progress(self.run, self.task, self.num_tasks, self.name, self.step_done, self.steps, self.loss, self.t_start,
-                           phase=self.phase_name, done=done, total=total, steady_s=steady_s, steady_steps=steady_steps)
+            write_progress(
+                self.run,
+                self.task,
+                self.num_tasks,
+                self.name,
+                self.step_done,
+                self.steps,
+                self.loss,
+                self.t_start,
+                phase=self.phase_name,
+                done=done,
+                total=total,
+                steady_s=steady_s,
+                steady_steps=steady_steps,
+            )
 
     def step(self, step: int, loss: float, write: bool) -> None:
         """After training step `step` (1-based); the steady-state clock starts after the warm-up."""

@@ -71,14 +71,19 @@ def deepspeed_config(cfg: TrainerSection, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     config.update(user)
-    config.setdefault("train_batch_size", config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size)
+    config.setdefault(
+        "train_batch_size",
+        config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size,
+    )
     return config
 
 
 class Engine:
     """Forward/backward/step over the wrapped model; ``module`` is the unwrapped PEFT model."""
 
-    def __init__(self, module: torch.nn.Module, wrapped: Any, optimizer: torch.optim.Optimizer | None, kind: str) -> None:
+    def __init__(
+        self, module: torch.nn.Module, wrapped: Any, optimizer: torch.optim.Optimizer | None, kind: str
+    ) -> None:
         self.module, self.wrapped, self.optimizer, self.kind = module, wrapped, optimizer, kind
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -56,8 +56,14 @@ def new_adapter(model: Any, cfg: RunConfig, task: int, previous: str | None) -> 
     name = f"task{task}"
     torch.manual_seed(cfg.trainer.seed * 100_003 + task)
     if previous is None:
-        model = attach_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets,
-                            dropout=cfg.lora.dropout, adapter_name=name)
+        model = attach_lora(
+            model,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            targets=cfg.lora.targets,
+            dropout=cfg.lora.dropout,
+            adapter_name=name,
+        )
     else:
         model.add_adapter(name, model.peft_config[previous])
         model.set_adapter(name)
@@ -69,7 +75,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = RunConfig.model_validate(loop_config["config"])
     run = RunDir(loop_config["run_dir"])
     rank, world_size = world()
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.trainer.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if cfg.trainer.use_gpu and torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     state = run.read_state()
     tasks = run.load_tasks(state)
     client = MergeClient(state.run_name, cfg.merge.shards, cfg.merge.strategy, cfg.merge.options)
@@ -80,7 +90,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model, tokenizer = load_backbone(cfg.model.name_or_path, kind=tasks[0].kind, dtype=DTYPES[cfg.model.dtype])
     model.to(device)
-    perturbation = Perturbation(cfg.perturbation.mode, cfg.perturbation.epsilon, tuple(cfg.perturbation.probs), cfg.trainer.seed)
+    perturbation = Perturbation(
+        cfg.perturbation.mode, cfg.perturbation.epsilon, tuple(cfg.perturbation.probs), cfg.trainer.seed
+    )
     adapter: str | None = None
     strategy = build_strategy(cfg.merge.strategy, **cfg.merge.options)  # what it is: flags and worker step
     record_at = set(strategy.record_steps(cfg.trainer.steps_per_task))
@@ -90,7 +102,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if t <= state.completed:
             continue
         t_start = time.time()
-        progress = checkpoints.TaskProgress(run, t, len(tasks), task.name, cfg.trainer.steps_per_task, enabled=rank == 0)
+        progress = checkpoints.TaskProgress(
+            run, t, len(tasks), task.name, cfg.trainer.steps_per_task, enabled=rank == 0
+        )
         # a. + b. θ_start, then a fresh LoRA_t on top of it
         model = new_adapter(model, cfg, t, adapter)
         adapter = f"task{t}"
@@ -102,8 +116,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         engine = build_engine(cfg.trainer, model, trainable)
         model.train()
-        batches = batch_iterator(task, tokenizer, batch_size=cfg.trainer.batch_size, max_length=cfg.trainer.max_length,
-                                 rank=rank, world_size=world_size, seed=cfg.trainer.seed * 1009 + t)
+        batches = batch_iterator(
+            task,
+            tokenizer,
+            batch_size=cfg.trainer.batch_size,
+            max_length=cfg.trainer.max_length,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.trainer.seed * 1009 + t,
+        )
         losses: list[float] = []
         snapshots: list[dict[str, LoraFactors]] = []  # LoRA_t's trajectory, for a worker step
         diag: dict[str, Any] = {}
@@ -120,10 +141,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 snapshots.append(lora_factors(model, adapter))
             mean_loss = float(all_reduce_sum(loss.detach().float().reshape(1).cpu()).item()) / world_size
             if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"task {t} ({task.name}): loss is {mean_loss} at step {step}; the task was stopped and "
-                                    f"the run keeps the last committed state (task {t - 1})")
+                raise NonFiniteLoss(
+                    f"task {t} ({task.name}): loss is {mean_loss} at step {step}; the task was stopped and "
+                    f"the run keeps the last committed state (task {t - 1})"
+                )
             losses.append(mean_loss)
-            progress.step(step + 1, mean_loss, write=step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps_per_task - 1)
+            progress.step(
+                step + 1, mean_loss, write=step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps_per_task - 1
+            )
         n = min(cfg.diagnostics.first_steps, len(losses))
         if n:
             diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
@@ -133,12 +158,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now)
         for p in trainable:
             p.requires_grad_(False)
-        fisher = diagonal_fisher(model, (
-            {k: v.to(device) for k, v in b.items()}
-            for b in progress.iterate("fisher", fisher_batches(task, tokenizer, num_samples=cfg.fisher.num_samples, batch_size=cfg.fisher.batch_size,
-                                                               max_length=cfg.trainer.max_length, rank=rank, world_size=world_size),
-                                      checkpoints.fisher_batch_count(task.train.num_rows, cfg.fisher.num_samples, cfg.fisher.batch_size, world_size))
-        ), kind="causal_lm" if task.kind == "instruction" else "classification", adapter_name=adapter)
+        fisher = diagonal_fisher(
+            model,
+            (
+                {k: v.to(device) for k, v in b.items()}
+                for b in progress.iterate(
+                    "fisher",
+                    fisher_batches(
+                        task,
+                        tokenizer,
+                        num_samples=cfg.fisher.num_samples,
+                        batch_size=cfg.fisher.batch_size,
+                        max_length=cfg.trainer.max_length,
+                        rank=rank,
+                        world_size=world_size,
+                    ),
+                    checkpoints.fisher_batch_count(
+                        task.train.num_rows, cfg.fisher.num_samples, cfg.fisher.batch_size, world_size
+                    ),
+                )
+            ),
+            kind="causal_lm" if task.kind == "instruction" else "classification",
+            adapter_name=adapter,
+        )
 
         # d. Fisher shards from every rank, then the merge on rank 0
         progress.phase("merge")
@@ -148,8 +190,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             delta = task_vector(model, adapter)
             checkpoints.save_adapter(model, adapter, run.task_dir(t, task.name) / "adapter")
-        merge_info, merge_diag = merge_task(strategy, client, cfg, t=t, task=task, model=model, tokenizer=tokenizer,
-                                            delta=delta, w0=w0, snapshots=snapshots)
+        merge_info, merge_diag = merge_task(
+            strategy,
+            client,
+            cfg,
+            t=t,
+            task=task,
+            model=model,
+            tokenizer=tokenizer,
+            delta=delta,
+            w0=w0,
+            snapshots=snapshots,
+        )
         diag.update(merge_diag)
         barrier()
 
@@ -158,9 +210,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_adapted_weights(model, w0, merged)
         with model.disable_adapter():
             row = [
-                evaluate_task(model, tokenizer, tasks[i], batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                              max_rows=cfg.eval.max_rows, rank=rank, world_size=world_size,
-                              all_reduce=all_reduce_sum, max_length=cfg.trainer.max_length)["score"]
+                evaluate_task(
+                    model,
+                    tokenizer,
+                    tasks[i],
+                    batch_size=cfg.eval.batch_size,
+                    max_new_tokens=cfg.eval.max_new_tokens,
+                    max_rows=cfg.eval.max_rows,
+                    rank=rank,
+                    world_size=world_size,
+                    all_reduce=all_reduce_sum,
+                    max_length=cfg.trainer.max_length,
+                )["score"]
                 for i in progress.iterate("evaluation", range(t), t)
             ]
         set_adapted_weights(model, w0, start_next)
@@ -170,7 +231,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.completed = t
             state.alphas.append(merge_info["alpha"])
             state.accuracy.append(row)
-            state.diagnostics.append({"task": t, **diag, **progress.finish(), "task_s": time.time() - t_start, "final_loss": losses[-1]})
+            state.diagnostics.append(
+                {"task": t, **diag, **progress.finish(), "task_s": time.time() - t_start, "final_loss": losses[-1]}
+            )
             state.stats_files = merge_info["state_files"]
             state.wall_s += time.time() - t_start
             checkpoints.write_merged(run, state, merged, strategy.keeps_adapter_stack, tasks)

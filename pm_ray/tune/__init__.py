@@ -13,8 +13,16 @@ from pm_ray.tune.space import Distribution, SchedulerSection, SearchSection, Tri
 from pm_ray.tune.spec import TuneSpec, load_tune_config
 
 __all__ = [
-    "Distribution", "SchedulerSection", "SearchSection", "TrialResources", "TuneSpec", "TuneSummary",
-    "load_tune_config", "plan_concurrency", "run_tune", "trial_demand",
+    "Distribution",
+    "SchedulerSection",
+    "SearchSection",
+    "TrialResources",
+    "TuneSpec",
+    "TuneSummary",
+    "load_tune_config",
+    "plan_concurrency",
+    "run_tune",
+    "trial_demand",
 ]
 
 

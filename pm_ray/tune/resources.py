@@ -29,8 +29,12 @@ def trial_demand(cfg: RunConfig, resources: TrialResources) -> TrialDemand:
     if in_process(cfg):
         cpu = resources.cpu if resources.cpu is not None else cfg.trainer.cpus_per_worker
         bundle = {"CPU": cpu, "GPU": gpu}
-        return TrialDemand(bundle, dict(bundle), f"{cpu:g} CPU{f' + {gpu:g} GPU' if gpu else ''} "
-                                                 f"(engine={cfg.trainer.engine}: the whole run in the trial process)")
+        return TrialDemand(
+            bundle,
+            dict(bundle),
+            f"{cpu:g} CPU{f' + {gpu:g} GPU' if gpu else ''} "
+            f"(engine={cfg.trainer.engine}: the whole run in the trial process)",
+        )
     driver = resources.driver_cpu if resources.driver_cpu is not None else cfg.ray.driver_cpus
     driver = max(driver, 0.01)  # a placement group bundle cannot be empty
     n, cpw = cfg.trainer.num_workers, cfg.trainer.cpus_per_worker
@@ -38,15 +42,21 @@ def trial_demand(cfg: RunConfig, resources: TrialResources) -> TrialDemand:
     total = {"CPU": driver + n * cpw, "GPU": n * gpu}
     gpu_text = f" + {total['GPU']:g} GPU" if gpu else ""
     worker_gpu = f" + {gpu:g} GPU" if gpu else ""
-    text = (f"{total['CPU']:g} CPU{gpu_text} (trial driver {driver:g} CPU + {n} Ray Train workers x "
-            f"{cpw:g} CPU{worker_gpu}, engine={cfg.trainer.engine})")
+    text = (
+        f"{total['CPU']:g} CPU{gpu_text} (trial driver {driver:g} CPU + {n} Ray Train workers x "
+        f"{cpw:g} CPU{worker_gpu}, engine={cfg.trainer.engine})"
+    )
     return TrialDemand(bundle, total, text)
 
 
 def resource_variants(spec: TuneSpec) -> list[RunConfig]:
     """The base config under every combination of the searched resource fields' values."""
     base_data = spec.base_data()
-    keys = [k for k, d in spec.search.space.items() if k in RESOURCE_KEYS or any(r.startswith(k + ".") for r in RESOURCE_KEYS)]
+    keys = [
+        k
+        for k, d in spec.search.space.items()
+        if k in RESOURCE_KEYS or any(r.startswith(k + ".") for r in RESOURCE_KEYS)
+    ]
     if not keys:
         return [spec.base]
     combos = itertools.product(*(spec.search.space[k].args for k in keys))
@@ -85,8 +95,10 @@ def _does_not_fit(cfg: RunConfig, demand: TrialDemand, res: str, have: float, re
         driver = demand.bundle["CPU"]
         n = cfg.trainer.num_workers
         if have > driver:
-            msg += (f" Lower trainer.cpus_per_worker to {math.floor((have - driver) / n * 100) / 100:g} "
-                    f"(= ({have:g} - {driver:g} driver) / {n} workers), or trainer.num_workers.")
+            msg += (
+                f" Lower trainer.cpus_per_worker to {math.floor((have - driver) / n * 100) / 100:g} "
+                f"(= ({have:g} - {driver:g} driver) / {n} workers), or trainer.num_workers."
+            )
         else:
             msg += " Lower search.trial_resources.driver_cpu."
     elif res == "CPU":

@@ -39,17 +39,32 @@ def collect_rows(grid: Any, spec: TuneSpec) -> list[dict[str, Any]]:
         trial_id = run_name.removeprefix("trial-")
         run = RunDir(spec.experiment_dir / "runs" / run_name)
         params = {key: plain(result.config.get(key)) for key in spec.search.space}
-        row: dict[str, Any] = {"trial": trial_id, "params": params, "run_dir": str(run.path), "status": "pending",
-                               "tasks": 0, "num_tasks": None, "objective": math.nan, "wall_s": math.nan,
-                               "mlflow_run_id": None, "error": _error_text(result.error) if result.error else None}
+        row: dict[str, Any] = {
+            "trial": trial_id,
+            "params": params,
+            "run_dir": str(run.path),
+            "status": "pending",
+            "tasks": 0,
+            "num_tasks": None,
+            "objective": math.nan,
+            "wall_s": math.nan,
+            "mlflow_run_id": None,
+            "error": _error_text(result.error) if result.error else None,
+        }
         row.update({k: math.nan for k in METRIC_COLUMNS})
         if run.exists():
             state = run.read_state()
-            row.update(tasks=state.completed, num_tasks=len(state.task_names), wall_s=round(state.wall_s, 1),
-                       mlflow_run_id=state.mlflow_run_id)
+            row.update(
+                tasks=state.completed,
+                num_tasks=len(state.task_names),
+                wall_s=round(state.wall_s, 1),
+                mlflow_run_id=state.mlflow_run_id,
+            )
             if state.completed:
                 done = state.completed == len(state.task_names)
-                metrics = state.metrics if done and state.metrics else continual_metrics(state.accuracy[: state.completed])
+                metrics = (
+                    state.metrics if done and state.metrics else continual_metrics(state.accuracy[: state.completed])
+                )
                 row.update({k: float(metrics[k]) for k in METRIC_COLUMNS})
                 row["objective"] = float(metrics[spec.search.objective])
             if row["error"]:
@@ -91,8 +106,17 @@ def format_table(rows: list[dict[str, Any]], spec: TuneSpec, best: dict[str, Any
     for r in rows:
         mark = "*" if best is not None and r["trial"] == best["trial"] else ""
         tasks = f"{r['tasks']}/{r['num_tasks']}" if r["num_tasks"] else "-"
-        body.append([mark, r["trial"], *(_cell(r["params"].get(k)) for k in keys), r["status"], tasks,
-                     *(_cell(r[k]) for k in METRIC_COLUMNS), _cell(r["wall_s"])])
+        body.append(
+            [
+                mark,
+                r["trial"],
+                *(_cell(r["params"].get(k)) for k in keys),
+                r["status"],
+                tasks,
+                *(_cell(r[k]) for k in METRIC_COLUMNS),
+                _cell(r["wall_s"]),
+            ]
+        )
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
@@ -101,7 +125,9 @@ def format_table(rows: list[dict[str, Any]], spec: TuneSpec, best: dict[str, Any
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(b) for b in body)]
     title = f"tuning {spec.name}: objective {spec.search.objective} (max), {len(rows)} trials"
     if best is not None:
-        title += f"; best * {best['trial']} {spec.search.objective}={best['objective']:.4g} " + json.dumps(best["params"])
+        title += f"; best * {best['trial']} {spec.search.objective}={best['objective']:.4g} " + json.dumps(
+            best["params"]
+        )
     errors = [f"  {r['trial']}: {r['error']}" for r in rows if r["error"]]
     return "\n".join([title, *out, *(["errors:", *errors] if errors else [])])
 
@@ -160,7 +186,9 @@ def plot_objective(rows: list[dict[str, Any]], spec: TuneSpec, path: Path) -> Pa
     ax = figure.add_subplot(1, 1, 1)
     styles = {"completed": ("o", "C0", "finished the stream"), "stopped": ("x", "C3", "stopped early (running value)")}
     for status, (marker, color, label) in styles.items():
-        pts = [(x, r["objective"]) for x, r in zip(xs, rows) if r["status"] == status and not math.isnan(r["objective"])]
+        pts = [
+            (x, r["objective"]) for x, r in zip(xs, rows) if r["status"] == status and not math.isnan(r["objective"])
+        ]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label, zorder=3)
     done = {}
@@ -198,7 +226,9 @@ def best_config_yaml(spec: TuneSpec, best: dict[str, Any]) -> str:
     return "\n".join(header) + "\n" + dump_config(cfg)
 
 
-def write_outputs(spec: TuneSpec, rows: list[dict[str, Any]], best: dict[str, Any] | None, table: str) -> dict[str, Path]:
+def write_outputs(
+    spec: TuneSpec, rows: list[dict[str, Any]], best: dict[str, Any] | None, table: str
+) -> dict[str, Path]:
     exp = spec.experiment_dir
     files = {"table": exp / "results.md", "parquet": exp / "results.parquet"}
     atomic_write_bytes(files["table"], (table + "\n").encode())
@@ -207,7 +237,11 @@ def write_outputs(spec: TuneSpec, rows: list[dict[str, Any]], best: dict[str, An
         files["best"] = exp / "best.yaml"
         atomic_write_bytes(files["best"], best_config_yaml(spec, best).encode())
     key = _x_axis(rows, spec)
-    name = "objective_vs_epsilon.png" if key is None or key[0] == EPSILON_KEY else f"objective_vs_{key[0].replace('.', '_')}.png"
+    name = (
+        "objective_vs_epsilon.png"
+        if key is None or key[0] == EPSILON_KEY
+        else f"objective_vs_{key[0].replace('.', '_')}.png"
+    )
     files["plot"] = plot_objective(rows, spec, exp / name)
     return files
 
@@ -223,8 +257,12 @@ def finish_tracking(tracking: dict[str, str], rows: list[dict[str, Any]], best: 
         run_id = r["mlflow_run_id"]
         if not run_id:
             continue
-        tags = {"pm_ray.tune.experiment": tracking["experiment"], "pm_ray.tune.trial": r["trial"],
-                "pm_ray.tune.status": r["status"], "pm_ray.tune.best": str(best is not None and r["trial"] == best["trial"]).lower()}
+        tags = {
+            "pm_ray.tune.experiment": tracking["experiment"],
+            "pm_ray.tune.trial": r["trial"],
+            "pm_ray.tune.status": r["status"],
+            "pm_ray.tune.best": str(best is not None and r["trial"] == best["trial"]).lower(),
+        }
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if r["status"] == "stopped" and client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, status="KILLED")

@@ -76,8 +76,10 @@ def _check_same_experiment(spec: TuneSpec, path: Path) -> None:
         if mine[key] != theirs[key]:
             problems.append(f"search.{key}")
     if problems:
-        raise ConfigError(f"{path.parent}: this tuning experiment was started with a different {', '.join(problems)}; "
-                          "give search.name another value to start a new experiment, or the same settings to resume it")
+        raise ConfigError(
+            f"{path.parent}: this tuning experiment was started with a different {', '.join(problems)}; "
+            "give search.name another value to start a new experiment, or the same settings to resume it"
+        )
 
 
 # ---- Tune objects ----------------------------------------------------------------------------------
@@ -120,8 +122,12 @@ def _scheduler(search: SearchSection, num_tasks: int) -> Any:
         from ray.tune.schedulers import ASHAScheduler
 
         s = search.scheduler
-        return ASHAScheduler(time_attr="task", max_t=s.max_t or max(num_tasks, s.grace_period),
-                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+        return ASHAScheduler(
+            time_attr="task",
+            max_t=s.max_t or max(num_tasks, s.grace_period),
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
     from ray.tune.schedulers import FIFOScheduler
 
     return FIFOScheduler()
@@ -154,7 +160,9 @@ def _prepare_tracking(spec: TuneSpec) -> dict[str, str] | None:
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        client.create_experiment(experiment, artifact_location=(spec.experiment_dir / "mlflow-artifacts").resolve().as_uri())
+        client.create_experiment(
+            experiment, artifact_location=(spec.experiment_dir / "mlflow-artifacts").resolve().as_uri()
+        )
     elif found.lifecycle_stage == "deleted":
         client.restore_experiment(found.experiment_id)
     return {"uri": uri, "experiment": experiment}
@@ -176,15 +184,19 @@ def run_tune(spec: TuneSpec, *, quiet: bool = False, retry_errored: bool = False
     if spec_path.is_file():
         _check_same_experiment(spec, spec_path)
     elif exp_dir.exists() and any(exp_dir.iterdir()):
-        raise ConfigError(f"{exp_dir}: exists but is not a pm-ray tuning experiment (no {SPEC_FILE}); "
-                          "choose another search.name")
+        raise ConfigError(
+            f"{exp_dir}: exists but is not a pm-ray tuning experiment (no {SPEC_FILE}); choose another search.name"
+        )
 
     init_ray(spec.base)
     cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
     concurrency, demand = plan_concurrency(spec, cluster)
     if spec.search.max_concurrent_trials and concurrency < spec.search.max_concurrent_trials:
-        print(f"[pm-ray tune] max_concurrent_trials {spec.search.max_concurrent_trials} -> {concurrency}: "
-              f"a trial needs {demand.text}, the cluster has {cluster.get('CPU', 0):g} CPU", file=out)
+        print(
+            f"[pm-ray tune] max_concurrent_trials {spec.search.max_concurrent_trials} -> {concurrency}: "
+            f"a trial needs {demand.text}, the cluster has {cluster.get('CPU', 0):g} CPU",
+            file=out,
+        )
     if not spec_path.is_file():
         atomic_write_bytes(spec_path, yaml.safe_dump(_spec_document(spec), sort_keys=False).encode())
     tracking = _prepare_tracking(spec)
@@ -198,19 +210,32 @@ def run_tune(spec: TuneSpec, *, quiet: bool = False, retry_errored: bool = False
     resumed = tune.Tuner.can_restore(str(exp_dir))
     if resumed:
         print(f"[pm-ray tune] resuming {exp_dir} (finished trials are kept)", file=out)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=retry_errored, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            str(exp_dir),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=retry_errored,
+            restart_errored=False,
+        )
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={key: dist.to_tune(spec.search.algorithm) for key, dist in spec.search.space.items()},
             tune_config=tune.TuneConfig(
-                metric=spec.search.objective, mode="max", search_alg=_search_alg(spec.search, concurrency),
-                scheduler=_scheduler(spec.search, stream_length(spec.base, "tasks.limit" in spec.search.space)), num_samples=spec.search.num_samples,
-                reuse_actors=False, trial_dirname_creator=trial_dirname,
+                metric=spec.search.objective,
+                mode="max",
+                search_alg=_search_alg(spec.search, concurrency),
+                scheduler=_scheduler(spec.search, stream_length(spec.base, "tasks.limit" in spec.search.space)),
+                num_samples=spec.search.num_samples,
+                reuse_actors=False,
+                trial_dirname_creator=trial_dirname,
             ),
-            run_config=tune.RunConfig(storage_path=str(spec.storage_root), name=spec.name, verbose=0 if quiet else 1,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+            run_config=tune.RunConfig(
+                storage_path=str(spec.storage_root),
+                name=spec.name,
+                verbose=0 if quiet else 1,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
         )
     if quiet:  # Tune prints its experiment banner even at verbose=0
         import contextlib
@@ -227,9 +252,17 @@ def run_tune(spec: TuneSpec, *, quiet: bool = False, retry_errored: bool = False
     files = write_outputs(spec, rows, best, table)
     if tracking is not None:
         finish_tracking(tracking, rows, best)
-    summary = TuneSummary(experiment_dir=exp_dir, rows=rows, best=best, table=table, files=files,
-                          max_concurrent_trials=concurrency, demand=demand.text, resumed=resumed,
-                          wall_s=time.time() - started)
+    summary = TuneSummary(
+        experiment_dir=exp_dir,
+        rows=rows,
+        best=best,
+        table=table,
+        files=files,
+        max_concurrent_trials=concurrency,
+        demand=demand.text,
+        resumed=resumed,
+        wall_s=time.time() - started,
+    )
     if best is None:
         errors = "; ".join(f"{r['trial']}: {r['error']}" for r in rows if r.get("error"))
         raise RunFailed(f"no trial of {exp_dir} finished the stream{f' ({errors})' if errors else ''}\n{table}")

@@ -36,9 +36,11 @@ class Distribution(BaseModel):
         if isinstance(value, list):  # shorthand: a bare list is a grid
             value = {"grid": value}
         if not isinstance(value, dict) or len(value) != 1:
-            raise ValueError(f"expected one distribution such as {{grid: [0, 0.5]}} or {{loguniform: [1e-4, 1e-2]}} "
-                             f"(one of {', '.join(DISTRIBUTIONS)}), got {value!r}")
-        (kind, args), = value.items()
+            raise ValueError(
+                f"expected one distribution such as {{grid: [0, 0.5]}} or {{loguniform: [1e-4, 1e-2]}} "
+                f"(one of {', '.join(DISTRIBUTIONS)}), got {value!r}"
+            )
+        ((kind, args),) = value.items()
         if kind not in DISTRIBUTIONS:
             close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -137,8 +139,10 @@ class SearchSection(_Section):
     @classmethod
     def _non_empty(cls, value: dict[str, Distribution]) -> dict[str, Distribution]:
         if not value:
-            raise ValueError("the search space is empty; give at least one dotted config key, "
-                             "e.g. perturbation.epsilon: {grid: [0, 0.25, 0.5]}")
+            raise ValueError(
+                "the search space is empty; give at least one dotted config key, "
+                "e.g. perturbation.epsilon: {grid: [0, 0.25, 0.5]}"
+            )
         return value
 
     @field_validator("name")
@@ -151,6 +155,7 @@ class SearchSection(_Section):
     @model_validator(mode="after")
     def _algorithm(self) -> SearchSection:
         if self.algorithm == "optuna" and importlib.util.find_spec("optuna") is None:
-            raise ValueError("algorithm 'optuna' needs the optuna package (pip install optuna); "
-                             "or use algorithm: grid | random")
+            raise ValueError(
+                "algorithm 'optuna' needs the optuna package (pip install optuna); or use algorithm: grid | random"
+            )
         return self

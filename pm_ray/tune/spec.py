@@ -46,7 +46,13 @@ OBJECTIVES: tuple[str, ...] = ("acc", "aaa")
 MANAGED_PREFIXES: tuple[str, ...] = ("storage", "tracking", "ray")
 # Fields that change what one trial reserves on the cluster: searched only over discrete values, so
 # that the worst case can be checked against the cluster before anything starts.
-RESOURCE_KEYS: tuple[str, ...] = ("trainer", "trainer.engine", "trainer.num_workers", "trainer.cpus_per_worker", "trainer.use_gpu")
+RESOURCE_KEYS: tuple[str, ...] = (
+    "trainer",
+    "trainer.engine",
+    "trainer.num_workers",
+    "trainer.cpus_per_worker",
+    "trainer.use_gpu",
+)
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -133,7 +139,7 @@ def _set_dotted_plain(data: dict[str, Any], key: str, raw: str) -> None:
             space = data["space"] = {}
         if not isinstance(space, dict):
             raise ConfigError("override 'search.space...': search.space is not a mapping")
-        space[key[len("space."):]] = value
+        space[key[len("space.") :]] = value
         return
     parts = key.split(".")
     node = data
@@ -156,15 +162,19 @@ def check_space(search: SearchSection, base: RunConfig, source: str) -> None:
         where = f"{source}: search.space[{key!r}]"
         head = key.split(".")[0]
         if head in MANAGED_PREFIXES:
-            raise ConfigError(f"{where}: {head}.* cannot be searched: pm-ray tune sets the run directory and MLflow "
-                              "experiment of every trial, and Ray settings are shared by all trials")
+            raise ConfigError(
+                f"{where}: {head}.* cannot be searched: pm-ray tune sets the run directory and MLflow "
+                "experiment of every trial, and Ray settings are shared by all trials"
+            )
         try:
             set_key(copy.deepcopy(base_data), key, None)
         except ConfigError as err:
             raise ConfigError(f"{source}: search.space: {str(err).removeprefix('override: ')}") from None
         if (key in RESOURCE_KEYS or any(r.startswith(key + ".") for r in RESOURCE_KEYS)) and not dist.discrete:
-            raise ConfigError(f"{where}: {dist.kind} over a resource field; use grid or choice so that every "
-                              "trial's resources can be checked against the cluster")
+            raise ConfigError(
+                f"{where}: {dist.kind} over a resource field; use grid or choice so that every "
+                "trial's resources can be checked against the cluster"
+            )
         for context, value in _probes(search, base_data, key, dist):
             data = copy.deepcopy(context)
             set_key(data, key, value)
@@ -174,7 +184,9 @@ def check_space(search: SearchSection, base: RunConfig, source: str) -> None:
                 raise ConfigError(f"{err}\n{where}: {dist.describe()} produces invalid values for {key}") from None
 
 
-def _probes(search: SearchSection, base_data: dict[str, Any], key: str, dist: Distribution) -> list[tuple[dict[str, Any], Any]]:
+def _probes(
+    search: SearchSection, base_data: dict[str, Any], key: str, dist: Distribution
+) -> list[tuple[dict[str, Any], Any]]:
     """(config, value) pairs to validate. A ``merge.options.<key>`` is checked against the typed
     options of every strategy a trial can get (each searched ``merge.strategy`` value)."""
     contexts = [base_data]
@@ -202,7 +214,9 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> Tu
     data = read_yaml_mapping(path)
     search_data = data.pop("search", None)
     if search_data is None:
-        raise ConfigError(f"{path}: no 'search' section; add e.g.\nsearch:\n  space:\n    perturbation.epsilon: {{grid: [0, 0.25, 0.5]}}")
+        raise ConfigError(
+            f"{path}: no 'search' section; add e.g.\nsearch:\n  space:\n    perturbation.epsilon: {{grid: [0, 0.25, 0.5]}}"
+        )
     if not isinstance(search_data, dict):
         raise ConfigError(f"{path}: 'search' must be a mapping, got {type(search_data).__name__}")
     base_overrides, search_overrides = split_overrides(list(overrides or []))
@@ -250,7 +264,7 @@ def _absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     tracking = data.get("tracking") or {}
     uri = tracking.get("uri")
     if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        tracking["uri"] = "sqlite:///" + _abs(uri[len("sqlite:///"):])
+        tracking["uri"] = "sqlite:///" + _abs(uri[len("sqlite:///") :])
     return data
 
 

@@ -40,8 +40,12 @@ def trial_dirname(trial: Any) -> str:
 def task_metrics(state: RunState, task: int, run_dir: Path) -> dict[str, Any]:
     """What Tune sees after ``task`` tasks: the continual metrics of the accuracy rows so far."""
     rows = state.accuracy[:task]
-    metrics: dict[str, Any] = {"task": task, "num_tasks": len(state.task_names), **continual_metrics(rows),
-                               "mean_seen_accuracy": sum(rows[-1]) / len(rows[-1])}
+    metrics: dict[str, Any] = {
+        "task": task,
+        "num_tasks": len(state.task_names),
+        **continual_metrics(rows),
+        "mean_seen_accuracy": sum(rows[-1]) / len(rows[-1]),
+    }
     if task <= len(state.diagnostics) and isinstance(state.diagnostics[task - 1].get("final_loss"), (int, float)):
         metrics["loss"] = float(state.diagnostics[task - 1]["final_loss"])
     alpha = state.alphas[task - 1] if task <= len(state.alphas) else None
@@ -60,8 +64,9 @@ def _committed(run: RunDir) -> RunState | None:
         return None
 
 
-def build_trial_config(base: dict[str, Any], params: dict[str, Any], runs_dir: str, run_name: str,
-                       tracking: dict[str, str] | None) -> Any:
+def build_trial_config(
+    base: dict[str, Any], params: dict[str, Any], runs_dir: str, run_name: str, tracking: dict[str, str] | None
+) -> Any:
     from pm_ray.config import config_from_dict
     from pm_ray.tune.spec import set_key, trial_config_data
 
@@ -74,8 +79,14 @@ def build_trial_config(base: dict[str, Any], params: dict[str, Any], runs_dir: s
     return config_from_dict(data, f"trial {run_name}")
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], runs_dir: str, tracking: dict[str, str] | None = None,
-              poll_s: float = POLL_S) -> None:
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    runs_dir: str,
+    tracking: dict[str, str] | None = None,
+    poll_s: float = POLL_S,
+) -> None:
     """The Tune function trainable (bound with tune.with_parameters)."""
     from ray import tune
 

@@ -26,7 +26,9 @@ def rand_fisher(gen: torch.Generator) -> dict[str, torch.Tensor]:
 def total_loss(theta, experts, fishers, keys=None) -> float:
     keys = keys or list(theta)
     return sum(
-        0.5 * float(((theta[k] - e[k]).double() ** 2 * f[k].double()).sum()) for e, f in zip(experts, fishers) for k in keys
+        0.5 * float(((theta[k] - e[k]).double() ** 2 * f[k].double()).sum())
+        for e, f in zip(experts, fishers)
+        for k in keys
     )
 
 

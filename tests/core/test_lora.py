@@ -146,8 +146,14 @@ def test_dora_is_rejected():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["k_proj"], use_dora=True))
     with pytest.raises(ValueError, match="variant"):
         task_vector(model)

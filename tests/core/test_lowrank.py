@@ -11,7 +11,9 @@ from pm_ray.core.lowrank import concat_factors, relative_error, truncated_svd
 
 def test_concatenated_factors_give_the_weighted_sum_of_products() -> None:
     g = torch.Generator().manual_seed(0)
-    terms = [(c, torch.randn(r, 7, generator=g), torch.randn(5, r, generator=g)) for c, r in ((0.5, 2), (-1.25, 3), (2.0, 1))]
+    terms = [
+        (c, torch.randn(r, 7, generator=g), torch.randn(5, r, generator=g)) for c, r in ((0.5, 2), (-1.25, 3), (2.0, 1))
+    ]
     A, B = concat_factors(terms)
     assert A.shape == (6, 7) and B.shape == (5, 6)
     expected = sum(c * b.double() @ a.double() for c, a, b in terms)
@@ -27,9 +29,12 @@ def test_truncated_svd_error_is_the_tail_of_the_spectrum() -> None:
     for k in (1, 3, 8):
         A, B, err = truncated_svd(delta, k)
         assert A.shape == (k, 9) and B.shape == (12, k) and A.dtype == torch.float32
-        tail = float(np.sqrt((s[k:] ** 2).sum()) / np.sqrt((s ** 2).sum()))
+        tail = float(np.sqrt((s[k:] ** 2).sum()) / np.sqrt((s**2).sum()))
         assert err == pytest.approx(tail, rel=1e-5)
-        measured = float(np.linalg.norm(delta.double().numpy() - B.double().numpy() @ A.double().numpy()) / np.linalg.norm(delta.double().numpy()))
+        measured = float(
+            np.linalg.norm(delta.double().numpy() - B.double().numpy() @ A.double().numpy())
+            / np.linalg.norm(delta.double().numpy())
+        )
         assert err == pytest.approx(measured, rel=1e-12)
         # Eckart-Young: no other rank-k factorisation does better (a random one, and the optimum shifted)
         Ar, Br = torch.randn(k, 9, generator=g), torch.randn(12, k, generator=g)

@@ -34,14 +34,27 @@ def elements(shape):
 
 
 def test_registry() -> None:
-    assert available_strategies() == ["average", "dare", "fisher_elementwise", "fixed", "magmax", "pm", "sequential", "ties", "trm"]
+    assert available_strategies() == [
+        "average",
+        "dare",
+        "fisher_elementwise",
+        "fixed",
+        "magmax",
+        "pm",
+        "sequential",
+        "ties",
+        "trm",
+    ]
     with pytest.raises(ValueError, match="unknown merge strategy 'magmx'.*did you mean 'magmax'"):
         build_strategy("magmx")
     with pytest.raises(ValueError, match="has no option 'lamda'.*did you mean 'lam'"):
         build_strategy("magmax", lamda=0.3)
 
 
-@pytest.mark.parametrize("name,alpha_of_t", [("sequential", lambda t: 1.0), ("average", lambda t: 1.0 / t), ("fixed", lambda t: 1.0 if t == 1 else 0.3)])
+@pytest.mark.parametrize(
+    "name,alpha_of_t",
+    [("sequential", lambda t: 1.0), ("average", lambda t: 1.0 / t), ("fixed", lambda t: 1.0 if t == 1 else 0.3)],
+)
 def test_line_merges(name, alpha_of_t) -> None:
     deltas, fishers = stream()
     strategy = build_strategy(name, **({"alpha": 0.3} if name == "fixed" else {}))
@@ -83,7 +96,9 @@ def test_pm_uses_the_closed_form(per_module: bool) -> None:
         for key, shape in KEYS.items():
             a = ref[key] if per_module else ref
             for i, j in elements(shape):
-                assert float(r.merged[key][i, j]) == pytest.approx(float(merged[key][i, j]) + a * float(d[key][i, j]), abs=1e-5)
+                assert float(r.merged[key][i, j]) == pytest.approx(
+                    float(merged[key][i, j]) + a * float(d[key][i, j]), abs=1e-5
+                )
         merged = r.merged
     assert results[0].alpha == (pytest.approx({k: 1.0 for k in KEYS}) if per_module else pytest.approx(1.0))
 
@@ -211,8 +226,10 @@ def test_bad_options_and_inputs() -> None:
 
 def test_strategies_say_what_they_are() -> None:
     """The flags the merge actors and the worker loop read instead of strategy names."""
-    flags = {name: (cls.train_from, cls.needs_fisher, cls.solves_line_alpha, cls.keeps_adapter_stack, cls.has_worker_step)
-             for name, cls in STRATEGIES.items()}
+    flags = {
+        name: (cls.train_from, cls.needs_fisher, cls.solves_line_alpha, cls.keeps_adapter_stack, cls.has_worker_step)
+        for name, cls in STRATEGIES.items()
+    }
     assert flags == {
         "sequential": ("merged", False, False, True, False),
         "average": ("merged", False, False, True, False),
@@ -225,5 +242,8 @@ def test_strategies_say_what_they_are() -> None:
         "dare": ("expert", False, False, False, False),
     }
     assert build_strategy("pm").global_alpha and not build_strategy("pm", per_module=True).global_alpha
-    assert build_strategy("trm", snapshots=3).record_steps(10) == [3, 6, 10] and build_strategy("pm").record_steps(10) == []
+    assert (
+        build_strategy("trm", snapshots=3).record_steps(10) == [3, 6, 10]
+        and build_strategy("pm").record_steps(10) == []
+    )
     assert build_strategy("trm", steps=2).worker_batches == 2 and build_strategy("trm").worker_batches == 4

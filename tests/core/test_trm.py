@@ -93,9 +93,12 @@ def objectives_at(model, w0, directions, c, batch, groups=None):
         prev_c[0] = expert_c[0] = expert_c[K] = 1.0
         prev = merged_logits(model, names, w0, directions, prev_c, None, batch)
         expert = merged_logits(model, names, w0, directions, expert_c, None, batch)
-        return (float(task_alignment(logits, batch)), float(prediction_consistency(logits, prev, batch["labels"])),
-                float(prediction_consistency(logits, expert, batch["labels"])),
-                float(gradient_responsiveness(logits, batch["labels"])))
+        return (
+            float(task_alignment(logits, batch)),
+            float(prediction_consistency(logits, prev, batch["labels"])),
+            float(prediction_consistency(logits, expert, batch["labels"])),
+            float(gradient_responsiveness(logits, batch["labels"])),
+        )
 
 
 def test_snapshot_steps_groups_and_initial_coefficients() -> None:
@@ -104,9 +107,18 @@ def test_snapshot_steps_groups_and_initial_coefficients() -> None:
     assert snapshot_steps(5, 1) == [5]
     with pytest.raises(ValueError, match="total_steps=2 is fewer than k=3"):
         snapshot_steps(2, 3)
-    keys = ["model.layers.10.self_attn.v_proj", "model.layers.2.self_attn.k_proj", "lm_head", "model.layers.2.mlp.up_proj"]
-    assert layer_groups(keys) == {"model.layers.2.self_attn.k_proj": 0, "model.layers.2.mlp.up_proj": 0,
-                                  "model.layers.10.self_attn.v_proj": 1, "lm_head": 2}
+    keys = [
+        "model.layers.10.self_attn.v_proj",
+        "model.layers.2.self_attn.k_proj",
+        "lm_head",
+        "model.layers.2.mlp.up_proj",
+    ]
+    assert layer_groups(keys) == {
+        "model.layers.2.self_attn.k_proj": 0,
+        "model.layers.2.mlp.up_proj": 0,
+        "model.layers.10.self_attn.v_proj": 1,
+        "lm_head": 2,
+    }
     assert torch.equal(initial_coefficients(3, 0.4), torch.tensor([1.0, 0.0, 0.0, 0.4]))
     groups = {"model.layers.0.k": 0, "model.layers.0.v": 0, "model.layers.1.k": 1}
     c = initial_coefficients(2, {"model.layers.0.k": 0.2, "model.layers.0.v": 0.6, "model.layers.1.k": 0.9}, groups)
@@ -150,7 +162,9 @@ def test_weights_untouched_and_no_grads(make_llama, make_causal_lm_batch) -> Non
     model, w0, directions, batch = trained_trajectory(make_llama, make_causal_lm_batch, seed=1)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with model.disable_adapter():
-        optimize_coefficients(model, directions, w0, [batch], initial_coefficients(K, 0.5), TRMSettings(snapshots=K, steps=3))
+        optimize_coefficients(
+            model, directions, w0, [batch], initial_coefficients(K, 0.5), TRMSettings(snapshots=K, steps=3)
+        )
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) and p.grad is None, name
     with pytest.raises(ValueError, match="active or merged LoRA adapter"):
@@ -261,8 +275,20 @@ def test_gradients_averaged_across_workers_equal_the_full_batch(make_llama, make
     reduce_for = shared_list_all_reduce(2)
     workers = [copy.deepcopy(plain) for _ in range(2)]  # functional_call swaps weights: one model a thread
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(optimize_coefficients, workers[r], directions, w0, [halves[r]], c_init, settings,
-                               grad_all_reduce=reduce_for(r), world_size=2) for r in range(2)]
+        futures = [
+            pool.submit(
+                optimize_coefficients,
+                workers[r],
+                directions,
+                w0,
+                [halves[r]],
+                c_init,
+                settings,
+                grad_all_reduce=reduce_for(r),
+                world_size=2,
+            )
+            for r in range(2)
+        ]
         (c_a, log_a), (c_b, _) = [f.result() for f in futures]
     assert torch.equal(c_a, c_b)
     assert torch.allclose(c_a, full_c, atol=1e-5)
@@ -302,26 +328,41 @@ def test_strategy_without_extras_is_pm() -> None:
 def test_strategy_uses_the_optimised_merge_and_absorbs_the_expert() -> None:
     deltas, fishers, optimised = stream(2)
     trm = build_strategy("trm")
-    first = trm.merge(TaskUpdate(1, deltas[0], fishers[0], {"merged": optimised[0], "coefficients": torch.tensor([1.0, 0.2, 0.7])}))
+    first = trm.merge(
+        TaskUpdate(1, deltas[0], fishers[0], {"merged": optimised[0], "coefficients": torch.tensor([1.0, 0.2, 0.7])})
+    )
     assert first.alpha == pytest.approx(0.7)
-    assert all(torch.equal(first.merged[k], optimised[0][k]) and torch.equal(first.start_next[k], optimised[0][k]) for k in KEYS)
+    assert all(
+        torch.equal(first.merged[k], optimised[0][k]) and torch.equal(first.start_next[k], optimised[0][k])
+        for k in KEYS
+    )
     # task 2 falls back to P&M from θ̂_1 = the optimised merge; task 1's expert is θ̂_0 + Δ_1 = Δ_1
     second = trm.merge(TaskUpdate(2, deltas[1], fishers[1]))
     experts = [deltas[0], {k: optimised[0][k] + deltas[1][k] for k in KEYS}]
     assert second.alpha == pytest.approx(optimal_alpha(deltas[1], optimised[0], experts, fishers[:2]), abs=1e-6)
     per_group = torch.tensor([[1.0, 0.1, 0.3], [0.9, 0.0, 0.6]])
     third = trm.merge(TaskUpdate(3, deltas[2], fishers[2], {"merged": optimised[2], "coefficients": per_group}))
-    assert third.alpha == pytest.approx({"model.layers.0.self_attn.k_proj": 0.3, "model.layers.1.self_attn.k_proj": 0.6})
+    assert third.alpha == pytest.approx(
+        {"model.layers.0.self_attn.k_proj": 0.3, "model.layers.1.self_attn.k_proj": 0.6}
+    )
     assert build_strategy("trm").merge(TaskUpdate(1, deltas[0], fishers[0], {"merged": optimised[0]})).alpha is None
     # a sharded merge sends the per-module c_K itself (expert_coefficient), for its modules only
     shard = {"model.layers.1.self_attn.k_proj": deltas[0]["model.layers.1.self_attn.k_proj"]}
     sent = expert_coefficient(per_group, layer_groups(list(KEYS)))
-    alone = build_strategy("trm").merge(TaskUpdate(1, shard, {k: fishers[0][k] for k in shard},
-                                                   {"merged": {k: optimised[0][k] for k in shard}, "alpha": {k: sent[k] for k in shard}}))
+    alone = build_strategy("trm").merge(
+        TaskUpdate(
+            1,
+            shard,
+            {k: fishers[0][k] for k in shard},
+            {"merged": {k: optimised[0][k] for k in shard}, "alpha": {k: sent[k] for k in shard}},
+        )
+    )
     assert alone.alpha == pytest.approx({"model.layers.1.self_attn.k_proj": 0.6})
     assert expert_coefficient(torch.tensor([1.0, 0.2, 0.7])) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="has shape \\(3, 3\\); expected \\(K\\+1,\\) or \\(2, K\\+1\\)"):
-        build_strategy("trm").merge(TaskUpdate(1, deltas[0], fishers[0], {"merged": optimised[0], "coefficients": torch.ones(3, 3)}))
+        build_strategy("trm").merge(
+            TaskUpdate(1, deltas[0], fishers[0], {"merged": optimised[0], "coefficients": torch.ones(3, 3)})
+        )
     with pytest.raises(ValueError, match="alpha override"):
         build_strategy("trm").merge(TaskUpdate(1, deltas[0], fishers[0], {"merged": optimised[0]}), alpha=0.5)
     bad = {"model.layers.0.self_attn.k_proj": torch.zeros(2, 3)}

@@ -27,13 +27,16 @@ def test_map_batches_tokenisation_equals_single_process_encoding(ray_local, tmp_
 
     from pm_ray.data.ray_dataset import iter_shard_batches, read_task_parquet, tokenized_dataset
 
-    rows = [{"instruction": f"Count to {i}", "input": "x" * (i % 5), "output": " ".join(map(str, range(i)))}
-            for i in range(1, 13)]
+    rows = [
+        {"instruction": f"Count to {i}", "input": "x" * (i % 5), "output": " ".join(map(str, range(i)))}
+        for i in range(1, 13)
+    ]
     task = make_task("count", "instruction", pa.Table.from_pylist(rows), pa.Table.from_pylist(rows[:2]))
     pq.write_table(task.train, tmp_path / "train.parquet")
     tok = tiny_llama_tokenizer()
-    ds = tokenized_dataset(read_task_parquet(str(tmp_path / "train.parquet")), tok, max_length=96,
-                           kind="instruction", batch_size=5)
+    ds = tokenized_dataset(
+        read_task_parquet(str(tmp_path / "train.parquet")), tok, max_length=96, kind="instruction", batch_size=5
+    )
     shards = ds.split(2, equal=True)
     got = [b for shard in shards for b in iter_shard_batches(shard, batch_size=3)]
     assert sum(b["input_ids"].shape[0] for b in got) == 12

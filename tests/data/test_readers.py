@@ -7,8 +7,7 @@ import pyarrow.parquet as pq
 
 from pm_ray.data.readers import load_stream, load_task, read_table
 
-ROWS = [{"instruction": "Say hi", "input": "", "output": "hi"},
-        {"instruction": "Add", "input": "2 3", "output": "5"}]
+ROWS = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Add", "input": "2 3", "output": "5"}]
 TEST = [{"instruction": "Add", "input": "4 4", "output": "8"}]
 
 
@@ -47,13 +46,17 @@ def test_trace_json_prompt_answer_layout(tmp_path):
     table = read_table(tmp_path / "train.json")
     assert table.column_names == ["instruction", "output"]
     task = load_task("trace", "instruction", tmp_path / "train.json", tmp_path / "test.json")
-    assert task.train.to_pylist() == [{"instruction": "Translate: hallo", "input": "", "output": "hello"},
-                                      {"instruction": "Translate: welt", "input": "", "output": "world"}]
+    assert task.train.to_pylist() == [
+        {"instruction": "Translate: hallo", "input": "", "output": "hello"},
+        {"instruction": "Translate: welt", "input": "", "output": "world"},
+    ]
 
 
 def test_choices_column_is_kept(tmp_path):
-    rows = [{"instruction": "Pick", "output": "b", "choices": ["a", "b"]},
-            {"instruction": "Pick again", "output": "a", "choices": ["a", "b", "c"]}]
+    rows = [
+        {"instruction": "Pick", "output": "b", "choices": ["a", "b"]},
+        {"instruction": "Pick again", "output": "a", "choices": ["a", "b", "c"]},
+    ]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "test.jsonl").write_text(json.dumps({"instruction": "Pick 3", "output": "c", "choices": ["c", "d"]}))
     task = load_task("c", "instruction", tmp_path / "train.jsonl", tmp_path / "test.jsonl")
@@ -66,11 +69,22 @@ def test_load_stream_keeps_order_and_kinds(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps(TEST[0]))
     (tmp_path / "c_train.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
     (tmp_path / "c_test.jsonl").write_text('{"text": "fine", "label": "pos"}\n')
-    tasks = load_stream([
-        {"name": "second", "kind": "instruction", "train": str(tmp_path / "a.jsonl"), "test": str(tmp_path / "b.jsonl")},
-        {"name": "first", "kind": "classification", "train": str(tmp_path / "c_train.jsonl"),
-         "test": str(tmp_path / "c_test.jsonl")},
-    ])
+    tasks = load_stream(
+        [
+            {
+                "name": "second",
+                "kind": "instruction",
+                "train": str(tmp_path / "a.jsonl"),
+                "test": str(tmp_path / "b.jsonl"),
+            },
+            {
+                "name": "first",
+                "kind": "classification",
+                "train": str(tmp_path / "c_train.jsonl"),
+                "test": str(tmp_path / "c_test.jsonl"),
+            },
+        ]
+    )
     assert [t.name for t in tasks] == ["second", "first"]
     assert [t.kind for t in tasks] == ["instruction", "classification"]
     assert tasks[1].labels == ["neg", "pos"]

@@ -56,13 +56,16 @@ def test_null_instruction_names_row():
         validate_table(table, "instruction", source="src")
 
 
-@pytest.mark.parametrize("choices, message", [
-    ("a|b", "expected a list of at least 2 distinct strings"),
-    (["a"], "expected a list of at least 2 distinct strings"),
-    (["a", "a"], "expected a list of at least 2 distinct strings"),
-    ([1, 2], "expected a list of at least 2 distinct strings"),
-    (["b", "c"], "output 'a' is not one of the choices"),
-])
+@pytest.mark.parametrize(
+    "choices, message",
+    [
+        ("a|b", "expected a list of at least 2 distinct strings"),
+        (["a"], "expected a list of at least 2 distinct strings"),
+        (["a", "a"], "expected a list of at least 2 distinct strings"),
+        ([1, 2], "expected a list of at least 2 distinct strings"),
+        (["b", "c"], "output 'a' is not one of the choices"),
+    ],
+)
 def test_bad_choices(choices, message):
     table = pa.table({"instruction": ["q"], "output": ["a"], "choices": pa.array([choices])})
     with pytest.raises(TaskDataError, match=rf"src, row 0, column 'choices'.*{message}"):
@@ -75,12 +78,15 @@ def test_choices_on_some_rows_only_is_rejected():
         validate_table(table, "instruction", source="src")
 
 
-@pytest.mark.parametrize("labels, bad_row, message", [
-    ([0.5, 1.5], 0, "got float 0.5, expected a string or an integer class id"),
-    ([True, False], 0, "got bool True, expected a string or an integer class id"),
-    (["a", None], 1, "got NoneType None"),
-    (["a", " "], 1, "empty label"),
-])
+@pytest.mark.parametrize(
+    "labels, bad_row, message",
+    [
+        ([0.5, 1.5], 0, "got float 0.5, expected a string or an integer class id"),
+        ([True, False], 0, "got bool True, expected a string or an integer class id"),
+        (["a", None], 1, "got NoneType None"),
+        (["a", " "], 1, "empty label"),
+    ],
+)
 def test_bad_label_type(labels, bad_row, message):
     table = pa.table({"text": ["fine text", "other"], "label": labels})
     with pytest.raises(TaskDataError, match=rf"src, row {bad_row}, column 'label': {message}"):
@@ -147,7 +153,7 @@ def test_nonexistent_and_unsupported_files(tmp_path):
 
 def test_malformed_json_names_file(tmp_path):
     path = tmp_path / "train.json"
-    path.write_text("[{\"instruction\": ")
+    path.write_text('[{"instruction": ')
     with pytest.raises(TaskDataError, match=r"train\.json: cannot parse as json"):
         load_task("t", "instruction", path, path)
 

@@ -21,8 +21,10 @@ LABELS = ["play_music", "get_weather", "book_restaurant"]
 
 
 def bigbench_mc(n: int = 60, append: bool | None = None) -> dict:
-    examples = [{"input": f"Utterance: request number {i}",
-                 "target_scores": {lab: int(lab == LABELS[i % 3]) for lab in LABELS}} for i in range(n)]
+    examples = [
+        {"input": f"Utterance: request number {i}", "target_scores": {lab: int(lab == LABELS[i % 3]) for lab in LABELS}}
+        for i in range(n)
+    ]
     task = {"name": "intent", "task_prefix": "Predict the intent of the utterance.\n", "examples": examples}
     if append is not None:
         task["append_choices_to_input"] = append
@@ -30,14 +32,18 @@ def bigbench_mc(n: int = 60, append: bool | None = None) -> dict:
 
 
 def bigbench_gen(n: int = 40) -> dict:
-    return {"description": "Answer the question.",
-            "examples": [{"input": f"What is {i} plus one?", "target": [str(i + 1), f"{i + 1}."]} for i in range(n)]}
+    return {
+        "description": "Answer the question.",
+        "examples": [{"input": f"What is {i} plus one?", "target": [str(i + 1), f"{i + 1}."]} for i in range(n)],
+    }
 
 
 def superni(n: int = 30) -> dict:
-    return {"Definition": ["Write the word backwards."],
-            "Positive Examples": [{"input": "abc", "output": "cba", "explanation": "reversed"}],
-            "Instances": [{"id": f"t-{i}", "input": f"word{i}", "output": [f"{i}drow"]} for i in range(n)]}
+    return {
+        "Definition": ["Write the word backwards."],
+        "Positive Examples": [{"input": "abc", "output": "cba", "explanation": "reversed"}],
+        "Instances": [{"id": f"t-{i}", "input": f"word{i}", "output": [f"{i}drow"]} for i in range(n)],
+    }
 
 
 def write_json(path: Path, data: object) -> Path:
@@ -57,35 +63,48 @@ def write_archive(path: Path, tasks: dict[str, dict]) -> Path:
 
 def test_bigbench_multiple_choice_rows_follow_bigbench() -> None:
     rows = bigbench.bigbench_rows(bigbench_mc(3), source="t")
-    assert rows[1] == {"instruction": "Predict the intent of the utterance.",
-                       "input": "Utterance: request number 1\n  choice: play_music\n  choice: get_weather"
-                                "\n  choice: book_restaurant",
-                       "output": "get_weather", "choices": LABELS}
+    assert rows[1] == {
+        "instruction": "Predict the intent of the utterance.",
+        "input": "Utterance: request number 1\n  choice: play_music\n  choice: get_weather\n  choice: book_restaurant",
+        "output": "get_weather",
+        "choices": LABELS,
+    }
     hidden = bigbench.bigbench_rows(bigbench_mc(3, append=False), source="t")
     assert hidden[1]["input"] == "Utterance: request number 1"  # the task's own append_choices_to_input
     forced = bigbench.bigbench_rows(bigbench_mc(3, append=False), source="t", choices_in_prompt="list")
     assert forced[1]["input"] == rows[1]["input"]
-    assert bigbench.bigbench_rows(bigbench_mc(3), source="t", choices_in_prompt="hide")[1]["input"] == hidden[1]["input"]
+    assert (
+        bigbench.bigbench_rows(bigbench_mc(3), source="t", choices_in_prompt="hide")[1]["input"] == hidden[1]["input"]
+    )
 
 
 def test_bigbench_generation_and_ni_prompt() -> None:
     rows = bigbench.bigbench_rows(bigbench_gen(2), source="t")
-    assert rows[1] == {"instruction": "Answer the question.", "input": "What is 1 plus one?", "output": "2",
-                       "references": ["2", "2."]}
-    ni = {"task_prefix": "Definition: Long text. Things to Avoid: x. Prompt: Answer briefly.",
-          "examples": [{"input": "q", "target": "a"}]}
+    assert rows[1] == {
+        "instruction": "Answer the question.",
+        "input": "What is 1 plus one?",
+        "output": "2",
+        "references": ["2", "2."],
+    }
+    ni = {
+        "task_prefix": "Definition: Long text. Things to Avoid: x. Prompt: Answer briefly.",
+        "examples": [{"input": "q", "target": "a"}],
+    }
     assert bigbench.bigbench_rows(ni, source="t", instruction_part="prompt")[0]["instruction"] == "Answer briefly."
     with pytest.raises(TaskDataError, match="Prompt:"):
         bigbench.bigbench_rows(bigbench_gen(2), source="t", instruction_part="prompt")
 
 
-@pytest.mark.parametrize("example,needle", [
-    ({"input": "x", "target_scores": {"a": 1, "b": 1}}, "exactly one best choice"),
-    ({"input": "x", "target_scores": {"a": 1}}, "at least 2 choices"),
-    ({"input": "", "target": "a"}, "'input' must be a non-empty string"),
-    ({"input": "x"}, "expected 'target'"),
-    ({"input": "x", "target": [3]}, "expected 'target'"),
-])
+@pytest.mark.parametrize(
+    "example,needle",
+    [
+        ({"input": "x", "target_scores": {"a": 1, "b": 1}}, "exactly one best choice"),
+        ({"input": "x", "target_scores": {"a": 1}}, "at least 2 choices"),
+        ({"input": "", "target": "a"}, "'input' must be a non-empty string"),
+        ({"input": "x"}, "expected 'target'"),
+        ({"input": "x", "target": [3]}, "expected 'target'"),
+    ],
+)
 def test_malformed_bigbench_names_file_and_example(tmp_path, example, needle) -> None:
     task = bigbench_mc(5)
     task["examples"][3] = example
@@ -102,8 +121,16 @@ def test_malformed_superni_names_file_and_instance(tmp_path) -> None:
     with pytest.raises(TaskDataError, match=r"task001\.json, instance 2: 'output' must be a non-empty list"):
         load_sources([{"name": "t", "path": str(path), "max_test": 2}])
     with pytest.raises(TaskDataError, match="'Definition'"):
-        load_sources([{"name": "t", "path": str(write_json(tmp_path / "d.json", {**data, "Definition": []})),
-                       "format": "superni", "max_test": 2}])
+        load_sources(
+            [
+                {
+                    "name": "t",
+                    "path": str(write_json(tmp_path / "d.json", {**data, "Definition": []})),
+                    "format": "superni",
+                    "max_test": 2,
+                }
+            ]
+        )
 
 
 def test_superni_rows_and_positive_examples(tmp_path) -> None:
@@ -112,8 +139,9 @@ def test_superni_rows_and_positive_examples(tmp_path) -> None:
     assert (task.train.num_rows, task.test.num_rows) == (12, 10)
     row = task.test.to_pylist()[0]
     assert row["instruction"] == "Write the word backwards." and row["references"] == [row["output"]]
-    [shot] = load_sources([{"name": "rev", "path": str(path), "format": "superni", "max_test": 10,
-                            "positive_examples": 1}])
+    [shot] = load_sources(
+        [{"name": "rev", "path": str(path), "format": "superni", "max_test": 10, "positive_examples": 1}]
+    )
     assert shot.test.to_pylist()[0]["instruction"].endswith("Positive Example 1 -\nInput: abc\nOutput: cba")
 
 
@@ -127,8 +155,12 @@ def test_archive_reader_reads_members_without_extracting(tmp_path, monkeypatch) 
     monkeypatch.setenv("PM_RAY_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache" / "archives").mkdir(parents=True)
     archive.rename(tmp_path / "cache" / "archives" / bigbench.ARCHIVE_NAME)
-    tasks = load_sources([{"name": "intent", "path": "bigbench:intent", "max_test": 9, "max_train": 12},
-                          {"name": "plus", "path": "bigbench:plus/one", "max_test": 5}])
+    tasks = load_sources(
+        [
+            {"name": "intent", "path": "bigbench:intent", "max_test": 9, "max_train": 12},
+            {"name": "plus", "path": "bigbench:plus/one", "max_test": 5},
+        ]
+    )
     assert [t.name for t in tasks] == ["intent", "plus"] and tasks[0].has_choices and not tasks[1].has_choices
     assert tasks[1].train.num_rows == 25  # max_train unset: every remaining example
 
@@ -149,8 +181,10 @@ def test_split_is_deterministic_disjoint_and_balanced() -> None:
     assert counts["book_restaurant"] == 66 and sum(counts.values()) == 240
 
 
-@pytest.mark.parametrize("fmt,suffix", [("jsonl", ".jsonl"), ("parquet", ".parquet"), ("alpaca", ".json"),
-                                        ("trace", ".json"), ("auto", ".jsonl")])
+@pytest.mark.parametrize(
+    "fmt,suffix",
+    [("jsonl", ".jsonl"), ("parquet", ".parquet"), ("alpaca", ".json"), ("trace", ".json"), ("auto", ".jsonl")],
+)
 def test_split_file_formats(tmp_path, fmt, suffix) -> None:
     records = [{"instruction": "Say the number.", "input": str(i), "output": str(i)} for i in range(20)]
     paths = {}
@@ -211,5 +245,7 @@ def test_bbni_suite_builds_deterministically_from_the_archive(tmp_path, monkeypa
         assert (a.train.num_rows, a.test.num_rows) == SIZES["quick"]
     assert first[1].test.to_pylist()[0]["instruction"] == "Answer qasc_answer."  # the NI Prompt: line
     listed = build_suite("bbni", variant="quick", cache_dir=tmp_path / "a", choices_in_prompt="hide")
-    assert "choice:" in first[0].test.to_pylist()[0]["input"] and "choice:" not in listed[0].test.to_pylist()[0]["input"]
+    assert (
+        "choice:" in first[0].test.to_pylist()[0]["input"] and "choice:" not in listed[0].test.to_pylist()[0]["input"]
+    )
     assert (tmp_path / "a" / "bbni-quick-seed0-choices-hide" / "manifest.json").exists()

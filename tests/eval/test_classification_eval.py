@@ -12,8 +12,9 @@ from pm_ray.models.lora import attach_lora
 
 
 def cls_task(name: str, labels: list[str], n: int = 10):
-    rows = [{"text": f"{name} example number {i}" + " pad" * (i % 3), "label": labels[i % len(labels)]}
-            for i in range(n)]
+    rows = [
+        {"text": f"{name} example number {i}" + " pad" * (i % 3), "label": labels[i % len(labels)]} for i in range(n)
+    ]
     train = pa.Table.from_pylist([{"text": f"train {name} {label}", "label": label} for label in labels])
     return make_task(name, "classification", train, pa.Table.from_pylist(rows))
 
@@ -40,7 +41,7 @@ def brute_force(model, tok, task, all_tasks):
             logits = torch.cat([model.heads[t.name](feats) for t in all_tasks], -1)[0]
         y = task.labels.index(row["label"])
         agnostic += int(logits.argmax()) == offset + y
-        aware += int(logits[offset:offset + len(task.labels)].argmax()) == y
+        aware += int(logits[offset : offset + len(task.labels)].argmax()) == y
     return agnostic, aware
 
 
@@ -77,8 +78,9 @@ def test_training_a_task_head_reaches_its_training_data():
     model, tok = load_backbone("tiny:bert", kind="classification")
     a, b = cls_task("a", ["x", "y"]), cls_task("b", ["p", "q"])
     # Learnable from the text: each example names its label (random tiny encoder, 30 steps).
-    rows = pa.Table.from_pylist([{"text": f"{label} is the answer {i}", "label": label}
-                                 for i, label in enumerate(["p", "q"] * 5)])
+    rows = pa.Table.from_pylist(
+        [{"text": f"{label} is the answer {i}", "label": label} for i, label in enumerate(["p", "q"] * 5)]
+    )
     b = Task(name="b", kind="classification", train=rows, test=rows, labels=b.labels)
     model.add_task("a", a.labels)
     model.add_task("b", b.labels)

@@ -20,8 +20,13 @@ def choice_task(n: int = 9, seed: int = 0):
     rows = []
     for i in range(n):
         choices = rng.sample(["red", "green", "blue", "a long answer", "x", "yes", "no"], rng.randint(2, 4))
-        rows.append({"instruction": f"Question {i}: pick {'one' * (i % 3 + 1)}", "output": rng.choice(choices),
-                     "choices": choices})
+        rows.append(
+            {
+                "instruction": f"Question {i}: pick {'one' * (i % 3 + 1)}",
+                "output": rng.choice(choices),
+                "choices": choices,
+            }
+        )
     table = pa.Table.from_pylist(rows)
     train = pa.Table.from_pylist([{"instruction": "train only", "output": "a", "choices": ["a", "b"]}])
     return make_task("choices", "instruction", train, table), rows
@@ -144,8 +149,10 @@ def test_sharded_evaluation_equals_single_process(tiny_llama, world_size, which)
             rows[i]["output"] = greedy[i]
         task = make_task("gen", "instruction", TRAIN_ONLY, pa.Table.from_pylist(rows))
     single = evaluate_task(model, tok, task, batch_size=4, max_new_tokens=4, max_rows=9)
-    shards = [evaluate_task(model, tok, task, batch_size=2, max_new_tokens=4, max_rows=9, rank=r,
-                            world_size=world_size) for r in range(world_size)]
+    shards = [
+        evaluate_task(model, tok, task, batch_size=2, max_new_tokens=4, max_rows=9, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
     assert sum(s["total"] for s in shards) == single["total"] == 9
     assert sum(s["correct"] for s in shards) == single["correct"]
     # The all_reduce hook receives the local counts; summing every rank's tensor is the global result.
@@ -154,8 +161,17 @@ def test_sharded_evaluation_equals_single_process(tiny_llama, world_size, which)
     def all_reduce(t: torch.Tensor) -> None:  # in place, like torch.distributed.all_reduce
         t.copy_(torch.stack(local).sum(0))
 
-    reduced = evaluate_task(model, tok, task, batch_size=2, max_new_tokens=4, max_rows=9, rank=0,
-                            world_size=world_size, all_reduce=all_reduce)
+    reduced = evaluate_task(
+        model,
+        tok,
+        task,
+        batch_size=2,
+        max_new_tokens=4,
+        max_rows=9,
+        rank=0,
+        world_size=world_size,
+        all_reduce=all_reduce,
+    )
     assert (reduced["correct"], reduced["total"], reduced["score"]) == (single["correct"], 9, single["score"])
 
 

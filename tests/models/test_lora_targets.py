@@ -65,6 +65,8 @@ def test_bad_targets_and_hyperparameters():
     with pytest.raises(ValueError, match="rank must be >= 1"):
         attach_lora(model, rank=0, alpha=2)
     with pytest.raises(ValueError, match="no default LoRA targets for model_type"):
+
         class Odd(nn.Module):
             config = type("C", (), {"model_type": "mystery"})()
+
         default_lora_targets(Odd())

@@ -38,20 +38,29 @@ def test_unknown_key_suggests_the_closest(tmp_path, storage, capsys) -> None:
     assert_nothing_written(storage)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("perturbation.epsilon=1.0", "epsilon=1.0 is outside [0, 1)"),
-    ("perturbation.probs=[0.5,0.5,0.5]", "summing to 1"),
-    ("merge.strategy=magmx", "did you mean 'magmax'"),
-    ("trainer.engine=horovod", "trainer.engine"),
-    ("trainer.zero_stage=3", "ZeRO stage 3 is not supported"),
-    ("tasks.suite=cit9", "cit9"),
-    ("model.name_or_path=/nonexistent/model", "/nonexistent/model"),
-    ("model.name_or_path=bundled:gpt5", "gpt5"),
-    ("lora.targets=[q_prj]", "lora.targets: LoRA targets ['q_prj'] match no module of LlamaForCausalLM (llama); did you mean 'q_proj'?"),
-    ("lora.targets=c_attn", "lora.targets: LoRA targets ['c_attn'] match no module"),
-    ("trainer.engine=deepspeed trainer.deepspeed_config=/nonexistent/ds.json", "trainer.deepspeed_config: /nonexistent/ds.json does not exist"),
-    ("merge.strategy=trm trainer.steps_per_task=2", "trainer.steps_per_task=2 does not fit merge strategy 'trm'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("perturbation.epsilon=1.0", "epsilon=1.0 is outside [0, 1)"),
+        ("perturbation.probs=[0.5,0.5,0.5]", "summing to 1"),
+        ("merge.strategy=magmx", "did you mean 'magmax'"),
+        ("trainer.engine=horovod", "trainer.engine"),
+        ("trainer.zero_stage=3", "ZeRO stage 3 is not supported"),
+        ("tasks.suite=cit9", "cit9"),
+        ("model.name_or_path=/nonexistent/model", "/nonexistent/model"),
+        ("model.name_or_path=bundled:gpt5", "gpt5"),
+        (
+            "lora.targets=[q_prj]",
+            "lora.targets: LoRA targets ['q_prj'] match no module of LlamaForCausalLM (llama); did you mean 'q_proj'?",
+        ),
+        ("lora.targets=c_attn", "lora.targets: LoRA targets ['c_attn'] match no module"),
+        (
+            "trainer.engine=deepspeed trainer.deepspeed_config=/nonexistent/ds.json",
+            "trainer.deepspeed_config: /nonexistent/ds.json does not exist",
+        ),
+        ("merge.strategy=trm trainer.steps_per_task=2", "trainer.steps_per_task=2 does not fit merge strategy 'trm'"),
+    ],
+)
 def test_bad_values_exit_2(tmp_path, storage, capsys, override, needle) -> None:
     config = write_config(tmp_path / "c.yaml", tiny_config(storage))
     code, err = run_cli(["run", str(config), *override.split(" ")], capsys)
@@ -63,10 +72,15 @@ def test_bad_values_exit_2(tmp_path, storage, capsys, override, needle) -> None:
 
 def test_bad_data_exit_2(tmp_path, storage, capsys) -> None:
     train = tmp_path / "train.jsonl"
-    train.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    train.write_text(
+        json.dumps({"instruction": "say hi", "output": "hi"}) + "\n" + json.dumps({"instruction": "x"}) + "\n"
+    )
     test = tmp_path / "test.jsonl"
     test.write_text(json.dumps({"instruction": "say yo", "output": "yo"}) + "\n")
-    cfg = tiny_config(storage, tasks={"suite": None, "limit": None, "files": [{"name": "greet", "train": str(train), "test": str(test)}]})
+    cfg = tiny_config(
+        storage,
+        tasks={"suite": None, "limit": None, "files": [{"name": "greet", "train": str(train), "test": str(test)}]},
+    )
     code, err = run_cli(["run", str(write_config(tmp_path / "c.yaml", cfg))], capsys)
     assert code == 2
     assert str(train) in err and "output" in err
@@ -85,8 +99,10 @@ def test_malformed_bigbench_or_superni_exit_2(tmp_path, storage, capsys, fmt) ->
         data, where = {"Definition": ["Answer."], "Instances": instances}, "instance 4"
     path = tmp_path / "task.json"
     path.write_text(json.dumps(data))
-    cfg = tiny_config(storage, tasks={"suite": None, "limit": None,
-                                      "files": [{"name": "t", "path": str(path), "format": fmt, "max_test": 2}]})
+    cfg = tiny_config(
+        storage,
+        tasks={"suite": None, "limit": None, "files": [{"name": "t", "path": str(path), "format": fmt, "max_test": 2}]},
+    )
     code, err = run_cli(["run", str(write_config(tmp_path / "c.yaml", cfg))], capsys)
     assert code == 2, err
     assert f"{path}, {where}" in err and len(err.strip().splitlines()) == 1
@@ -118,9 +134,23 @@ def test_misspelt_strategy_option_fails_before_anything_is_written(tmp_path) -> 
     storage = tmp_path / "runs"
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "pm_ray.cli", "run", "jobs/quickstart.yaml", "merge.strategy=magmax",
-                           "merge.options={lamda: 0.5}", f"storage.path={storage}"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pm_ray.cli",
+            "run",
+            "jobs/quickstart.yaml",
+            "merge.strategy=magmax",
+            "merge.options={lamda: 0.5}",
+            f"storage.path={storage}",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -16,8 +16,17 @@ def test_compare_prints_both_matrices_alphas_and_rows(tmp_path, capsys, ray_sess
     storage = tmp_path / "runs"
     write_config(tmp_path / "base.yaml", tiny_config(storage, tasks={"limit": 2}, trainer={"steps_per_task": 2}))
     spec = tmp_path / "demo.yaml"
-    spec.write_text(yaml.safe_dump({"base": "base.yaml", "strategies": {
-        "pm": {"merge.strategy": "pm"}, "sequential": {"merge.strategy": "sequential", "perturbation.mode": "none"}}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": "base.yaml",
+                "strategies": {
+                    "pm": {"merge.strategy": "pm"},
+                    "sequential": {"merge.strategy": "sequential", "perturbation.mode": "none"},
+                },
+            }
+        )
+    )
     assert main(["compare", str(spec), "--quiet"]) == 0
     out = capsys.readouterr().out
     report = (storage / "compare-demo.md").read_text()

@@ -25,11 +25,15 @@ def local_head():
 def test_ray_job_submit_runs_a_tiny_stream(local_head, tmp_path) -> None:
     address, env = local_head
     storage = tmp_path / "runs"
-    cfg = tiny_config(storage, tasks={"limit": 2}, tracking={"enabled": True, "experiment": "job"}, storage={"run_name": "job"})
+    cfg = tiny_config(
+        storage, tasks={"limit": 2}, tracking={"enabled": True, "experiment": "job"}, storage={"run_name": "job"}
+    )
     config = write_config(tmp_path / "job.yaml", cfg)
     # the wrapper users run: uploads the repository as the working dir, follows the logs
     env = dict(env, RAY_ADDRESS=address)
-    submit = subprocess.run([str(REPO / "jobs" / "submit.sh"), str(config)], capture_output=True, text=True, env=env, timeout=400)
+    submit = subprocess.run(
+        [str(REPO / "jobs" / "submit.sh"), str(config)], capture_output=True, text=True, env=env, timeout=400
+    )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     assert "submitted pm-ray-job-" in submit.stdout and "succeeded" in submit.stdout.lower()
     state = json.loads((storage / "job" / "state.json").read_text())

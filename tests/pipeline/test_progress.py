@@ -32,7 +32,9 @@ def test_progress_line_is_printed_from_progress_json(tmp_path) -> None:
     stream = io.StringIO()
     printer = ProgressPrinter(run, stream=stream, every_s=0.05)
     printer.start()
-    write_progress(run, task=2, num_tasks=5, name="arithmetic", step=10, steps=30, loss=1.25, t_start=time.time() - 20.0)
+    write_progress(
+        run, task=2, num_tasks=5, name="arithmetic", step=10, steps=30, loss=1.25, t_start=time.time() - 20.0
+    )
     wait_for_text(stream, "training 10/30")
     printer.close()
     assert not printer.is_alive()
@@ -47,8 +49,18 @@ def test_steady_state_eta_leaves_out_the_warmup_step(tmp_path) -> None:
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     # 60 s elapsed, of which the 9 steps after warm-up took 9 s: the first step cost 51 s
-    write_progress(run, task=1, num_tasks=3, name="a", step=10, steps=30, loss=1.0, t_start=time.time() - 60.0,
-                   steady_s=9.0, steady_steps=9)
+    write_progress(
+        run,
+        task=1,
+        num_tasks=3,
+        name="a",
+        step=10,
+        steps=30,
+        loss=1.0,
+        t_start=time.time() - 60.0,
+        steady_s=9.0,
+        steady_steps=9,
+    )
     p = json.loads((run.path / "progress.json").read_text())
     est = estimate(p, [])
     assert est["step_s"] == pytest.approx(1.0)
@@ -58,9 +70,23 @@ def test_steady_state_eta_leaves_out_the_warmup_step(tmp_path) -> None:
 
 def test_run_eta_adds_fisher_merge_and_growing_evaluation_from_committed_tasks() -> None:
     # task 1 committed: 30 steps at 1 s steady + 5 s overhead, Fisher 4 s, merge 2 s, eval 3 s (1 task)
-    diagnostics = [{"task": 1, "train_s": 35.0, "step_s": 1.0, "fisher_s": 4.0, "merge_s": 2.0, "eval_s": 3.0, "task_s": 44.0}]
-    p = {"task": 2, "num_tasks": 4, "name": "b", "phase": "training", "step": 10, "steps": 30, "done": 10, "total": 30,
-         "loss": 1.0, "task_elapsed_s": 20.0, "steady_s": 18.0, "steady_steps": 9}
+    diagnostics = [
+        {"task": 1, "train_s": 35.0, "step_s": 1.0, "fisher_s": 4.0, "merge_s": 2.0, "eval_s": 3.0, "task_s": 44.0}
+    ]
+    p = {
+        "task": 2,
+        "num_tasks": 4,
+        "name": "b",
+        "phase": "training",
+        "step": 10,
+        "steps": 30,
+        "done": 10,
+        "total": 30,
+        "loss": 1.0,
+        "task_elapsed_s": 20.0,
+        "steady_s": 18.0,
+        "steady_steps": 9,
+    }
     est = estimate(p, diagnostics)
     step_s = 2.0  # this task's steady-state step, not the committed one
     this_task = 20 * step_s + 4 + 2 + 2 * 3
@@ -97,8 +123,15 @@ def test_task_progress_writes_every_phase_and_its_timings(tmp_path) -> None:
         time.sleep(0.02)
         seen.append(phase_now())
     timings = progress.finish()
-    assert seen == [("training", 1, 3), ("training", 2, 3), ("training", 3, 3), ("fisher", 0, 2), ("fisher", 1, 2),
-                    ("merge", 0, 1), ("evaluation", 0, 1)]
+    assert seen == [
+        ("training", 1, 3),
+        ("training", 2, 3),
+        ("training", 3, 3),
+        ("fisher", 0, 2),
+        ("fisher", 1, 2),
+        ("merge", 0, 1),
+        ("evaluation", 0, 1),
+    ]
     assert set(timings) == {"step_s", "fisher_s", "merge_s", "eval_s"}
     assert 0.015 < timings["step_s"] < 0.5 and timings["eval_s"] >= 0.02
     with pytest.raises(ValueError, match="unknown phase 'saving'"):
@@ -121,11 +154,34 @@ def test_progress_bar_on_a_terminal_is_tqdm(tmp_path) -> None:
     stream = Terminal()
     printer = ProgressPrinter(run, stream=stream, every_s=0.05)
     printer.start()
-    write_progress(run, task=1, num_tasks=2, name="a", step=5, steps=20, loss=0.5, t_start=time.time() - 5.0,
-                   steady_s=4.0, steady_steps=4)
+    write_progress(
+        run,
+        task=1,
+        num_tasks=2,
+        name="a",
+        step=5,
+        steps=20,
+        loss=0.5,
+        t_start=time.time() - 5.0,
+        steady_s=4.0,
+        steady_steps=4,
+    )
     wait_for_text(stream, "5/20")
-    write_progress(run, task=1, num_tasks=2, name="a", step=20, steps=20, loss=0.5, t_start=time.time() - 5.0,
-                   phase="fisher", done=1, total=4, steady_s=4.0, steady_steps=4)
+    write_progress(
+        run,
+        task=1,
+        num_tasks=2,
+        name="a",
+        step=20,
+        steps=20,
+        loss=0.5,
+        t_start=time.time() - 5.0,
+        phase="fisher",
+        done=1,
+        total=4,
+        steady_s=4.0,
+        steady_steps=4,
+    )
     wait_for_text(stream, "1/4")
     printer.close()
     out = stream.getvalue()

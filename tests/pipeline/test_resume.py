@@ -21,8 +21,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def cli(config: Path, *overrides: str) -> subprocess.Popen:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "pm_ray.cli", "run", str(config), "--quiet", *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pm_ray.cli", "run", str(config), "--quiet", *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        text=True,
+    )
 
 
 def read_state(run_dir: Path) -> dict:
@@ -48,14 +54,21 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 @pytest.mark.parametrize("strategy,options", [("pm", {}), ("trm", {"steps": 4, "snapshots": 2})])
 def test_driver_killed_between_tasks_resumes_identically(tmp_path, strategy, options) -> None:
-    cfg = tiny_config(tmp_path / "runs", trainer={"steps_per_task": 30}, merge={"strategy": strategy, "options": options})
+    cfg = tiny_config(
+        tmp_path / "runs", trainer={"steps_per_task": 30}, merge={"strategy": strategy, "options": options}
+    )
     config = write_config(tmp_path / "resume.yaml", cfg)
     finish(cli(config, "storage.run_name=reference"))
     reference = read_state(tmp_path / "runs" / "reference")
 
     run_dir = tmp_path / "runs" / "crashed"
     proc = cli(config, "storage.run_name=crashed")
-    wait_for(lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1, 240, "task 1 to commit", proc)
+    wait_for(
+        lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1,
+        240,
+        "task 1 to commit",
+        proc,
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     interrupted = read_state(run_dir)
@@ -71,7 +84,9 @@ def test_driver_killed_between_tasks_resumes_identically(tmp_path, strategy, opt
 
 
 def test_worker_killed_mid_task_is_retried_from_the_task_boundary(tmp_path) -> None:
-    base = tiny_config(tmp_path / "runs", trainer={"engine": "ddp", "num_workers": 2, "steps_per_task": 40, "max_failures": 2})
+    base = tiny_config(
+        tmp_path / "runs", trainer={"engine": "ddp", "num_workers": 2, "steps_per_task": 40, "max_failures": 2}
+    )
     config = write_config(tmp_path / "crash.yaml", base)
     run_dir = tmp_path / "runs" / "crash"
     proc = cli(config, "storage.run_name=crash")
@@ -104,10 +119,17 @@ def test_ctrl_c_or_sigterm_stops_ray_cleanly_and_the_same_command_resumes(tmp_pa
     only (what `kill` or a scheduler does): exit 130 / 143 with one line, no Ray stack dump, no
     process of the run left, the committed tasks intact, and the same command finishes the run."""
     workers = {"engine": engine, "num_workers": 1 if engine == "single" else 2}
-    config = write_config(tmp_path / "stop.yaml", tiny_config(tmp_path / "runs", trainer={"steps_per_task": 40, **workers}))
+    config = write_config(
+        tmp_path / "stop.yaml", tiny_config(tmp_path / "runs", trainer={"steps_per_task": 40, **workers})
+    )
     run_dir = tmp_path / "runs" / "stopped"
     proc = cli(config, "storage.run_name=stopped")
-    wait_for(lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1, 240, "task 1 to commit", proc)
+    wait_for(
+        lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1,
+        240,
+        "task 1 to commit",
+        proc,
+    )
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
     else:

@@ -53,8 +53,11 @@ def runs(tmp_path_factory, ray_session):
     out = {}
     for engine in ("deepspeed", "ddp"):
         storage = tmp_path_factory.mktemp(engine)
-        cfg = tiny_config(storage, trainer={"engine": engine, "num_workers": 2, "zero_stage": 2},
-                          tracking={"enabled": True, "experiment": f"test-{engine}"})
+        cfg = tiny_config(
+            storage,
+            trainer={"engine": engine, "num_workers": 2, "zero_stage": 2},
+            tracking={"enabled": True, "experiment": f"test-{engine}"},
+        )
         summary = run_continual(config_from_dict(cfg), config_stem=engine, quiet=True)
         out[engine] = summary
     return out
@@ -80,7 +83,9 @@ def test_deepspeed_zero2_matches_ddp(runs) -> None:
     ds = json.loads((runs["deepspeed"].run_dir / "state.json").read_text())
     ddp = json.loads((runs["ddp"].run_dir / "state.json").read_text())
     assert ds["alphas"] == pytest.approx(ddp["alphas"], abs=1e-4)
-    assert [d["final_loss"] for d in ds["diagnostics"]] == pytest.approx([d["final_loss"] for d in ddp["diagnostics"]], rel=1e-4)
+    assert [d["final_loss"] for d in ds["diagnostics"]] == pytest.approx(
+        [d["final_loss"] for d in ddp["diagnostics"]], rel=1e-4
+    )
 
 
 def test_mlflow_store_read_back(runs) -> None:
@@ -90,7 +95,10 @@ def test_mlflow_store_read_back(runs) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{summary.run_dir}/mlflow.db")
     experiment = client.get_experiment_by_name("test-deepspeed")
     assert experiment is not None
-    assert experiment.artifact_location.endswith("mlflow-artifacts") or str(summary.run_dir) in experiment.artifact_location
+    assert (
+        experiment.artifact_location.endswith("mlflow-artifacts")
+        or str(summary.run_dir) in experiment.artifact_location
+    )
     runs_ = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs_ if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs_ if "mlflow.parentRunId" in r.data.tags]

@@ -23,8 +23,16 @@ def test_shard_keys_partition() -> None:
     assert all(parts) and len(parts) == 3
 
 
-@pytest.mark.parametrize("strategy,options", [("pm", {}), ("pm", {"per_module": True}), ("ties", {}), ("magmax", {}),
-                                              ("fisher_elementwise", {"blend": 0.5, "decay": 0.8, "normalize_fisher": True})])
+@pytest.mark.parametrize(
+    "strategy,options",
+    [
+        ("pm", {}),
+        ("pm", {"per_module": True}),
+        ("ties", {}),
+        ("magmax", {}),
+        ("fisher_elementwise", {"blend": 0.5, "decay": 0.8, "normalize_fisher": True}),
+    ],
+)
 def test_two_actors_equal_one(ray_session, tmp_path, strategy, options) -> None:
     gen = torch.Generator().manual_seed(0)
     shapes = {f"layers.{i}.{p}": (3, 4) for i in range(3) for p in ("k_proj", "v_proj")}
@@ -39,7 +47,10 @@ def test_two_actors_equal_one(ray_session, tmp_path, strategy, options) -> None:
             delta = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
             # two data-parallel Fisher shards with 3 and 5 examples
             for count in (3, 5):
-                client.add_fisher(t, FisherShard(sums={k: torch.rand(s, generator=gen) * count for k, s in shapes.items()}, count=count))
+                client.add_fisher(
+                    t,
+                    FisherShard(sums={k: torch.rand(s, generator=gen) * count for k, s in shapes.items()}, count=count),
+                )
             info = client.merge(t, delta)
             alphas.append(info["alpha"])
             assert len(info["state_files"]) == shards

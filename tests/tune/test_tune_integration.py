@@ -38,18 +38,28 @@ def yes_no_tasks(root: Path) -> list[dict[str, str]]:
         for split, n in (("train", 48), ("test", 8)):
             with open(root / f"{answer}-{split}.jsonl", "w") as f:
                 for _ in range(n):
-                    row = {"instruction": "Answer.", "input": " ".join(rng.choice(WORDS) for _ in range(3)),
-                           "output": answer, "choices": ["yes", "no"]}
+                    row = {
+                        "instruction": "Answer.",
+                        "input": " ".join(rng.choice(WORDS) for _ in range(3)),
+                        "output": answer,
+                        "choices": ["yes", "no"],
+                    }
                     f.write(json.dumps(row) + "\n")
-        files.append({"name": answer, "train": str(root / f"{answer}-train.jsonl"), "test": str(root / f"{answer}-test.jsonl")})
+        files.append(
+            {"name": answer, "train": str(root / f"{answer}-train.jsonl"), "test": str(root / f"{answer}-test.jsonl")}
+        )
     return files
 
 
 def write_tune_config(tmp_path: Path, search: dict, **sections: dict) -> Path:
     sections.setdefault("trainer", {})
     sections["trainer"] = {"steps_per_task": 10, "lr": 0.02, **sections["trainer"]}
-    cfg = tiny_config(tmp_path / "runs", tasks={"suite": None, "files": yes_no_tasks(tmp_path / "data"), "limit": None},
-                      eval={"max_rows": 8}, **sections)
+    cfg = tiny_config(
+        tmp_path / "runs",
+        tasks={"suite": None, "files": yes_no_tasks(tmp_path / "data"), "limit": None},
+        eval={"max_rows": 8},
+        **sections,
+    )
     cfg["search"] = search
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -64,9 +74,16 @@ def result_lines(trial_dir: Path) -> int:
 def test_grid_of_three_trials_picks_the_best_with_one_mlflow_run_each(tmp_path, ray_session) -> None:
     from pm_ray.tracking import read_run_summary
 
-    path = write_tune_config(tmp_path, {"name": "grid", "space": {"trainer.lr": {"grid": [0.0, 0.005, 0.02]}},
-                                        "objective": "aaa", "max_concurrent_trials": 2},
-                             tracking={"enabled": True})
+    path = write_tune_config(
+        tmp_path,
+        {
+            "name": "grid",
+            "space": {"trainer.lr": {"grid": [0.0, 0.005, 0.02]}},
+            "objective": "aaa",
+            "max_concurrent_trials": 2,
+        },
+        tracking={"enabled": True},
+    )
     spec = load_tune_config(path)
     summary = run_tune(spec, quiet=True)
 
@@ -96,14 +113,25 @@ def test_grid_of_three_trials_picks_the_best_with_one_mlflow_run_each(tmp_path, 
     assert sorted(p["run_name"] for p in parents) == sorted(f"trial-{r['trial']}" for r in summary.rows)
     assert all(p["status"] == "FINISHED" and len(p["children"]) == 2 for p in parents)
     assert {p["params"]["trainer.lr"] for p in parents} == {"0.0", "0.005", "0.02"}
-    assert [p["tags"]["pm_ray.tune.best"] for p in sorted(parents, key=lambda p: p["tags"]["pm_ray.tune.trial"])] == ["false", "true", "false"]
+    assert [p["tags"]["pm_ray.tune.best"] for p in sorted(parents, key=lambda p: p["tags"]["pm_ray.tune.trial"])] == [
+        "false",
+        "true",
+        "false",
+    ]
 
 
 def test_asha_stops_a_hopeless_trial_after_its_first_task(tmp_path, ray_session) -> None:
     # one trial at a time: the good trial records its task-1 score at ASHA's first rung before the bad one arrives
-    path = write_tune_config(tmp_path, {"name": "asha", "space": {"trainer.lr": {"grid": [0.02, 0.0]}}, "objective": "acc",
-                                        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                                        "max_concurrent_trials": 1})
+    path = write_tune_config(
+        tmp_path,
+        {
+            "name": "asha",
+            "space": {"trainer.lr": {"grid": [0.02, 0.0]}},
+            "objective": "acc",
+            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+            "max_concurrent_trials": 1,
+        },
+    )
     summary = run_tune(load_tune_config(path), quiet=True)
 
     good, bad = summary.rows
@@ -129,15 +157,30 @@ def _trial_status(exp: Path) -> dict[str, str]:
 
 
 def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, ray_session) -> None:
-    path = write_tune_config(tmp_path, {"name": "resume", "space": {"trainer.lr": {"grid": [0.02, 0.005]}},
-                                        "max_concurrent_trials": 1}, trainer={"steps_per_task": 30})
+    path = write_tune_config(
+        tmp_path,
+        {"name": "resume", "space": {"trainer.lr": {"grid": [0.02, 0.005]}}, "max_concurrent_trials": 1},
+        trainer={"steps_per_task": 30},
+    )
     exp = tmp_path / "runs" / "resume"
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, RAY_AUTH_MODE="disabled",
-               HF_HUB_OFFLINE="1", TUNE_GLOBAL_CHECKPOINT_S="1")
+    env = dict(
+        os.environ,
+        RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
+        RAY_AUTH_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TUNE_GLOBAL_CHECKPOINT_S="1",
+    )
 
     def cli() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "pm_ray.cli", "tune", str(path), "--quiet"], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pm_ray.cli", "tune", str(path), "--quiet"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     proc = cli()
     deadline = time.time() + 150
@@ -156,7 +199,9 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, ra
 
     first = next(t for t in _trial_status(exp) if t.endswith("_00000"))
     run_dir = exp / "runs" / f"trial-{first}"
-    frozen = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in [run_dir / "state.json", *run_dir.glob("tasks/*/adapter/*")]}
+    frozen = {
+        p: (p.stat().st_mtime_ns, p.read_bytes()) for p in [run_dir / "state.json", *run_dir.glob("tasks/*/adapter/*")]
+    }
     reports = result_lines(exp / f"trial-{first}")
     assert reports == 2 and json.loads((run_dir / "state.json").read_text())["completed"] == 2
 

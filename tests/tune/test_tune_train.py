@@ -9,17 +9,24 @@ import json
 from pathlib import Path
 
 import pytest
+from test_tune_integration import write_tune_config
 
 from pm_ray.tune import load_tune_config, run_tune
-from test_tune_integration import write_tune_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_ray_train_trial_reports_every_task(tmp_path, ray_session) -> None:
-    path = write_tune_config(tmp_path, {"name": "ddp", "space": {"perturbation.epsilon": {"grid": [0.5]}}, "objective": "aaa",
-                                        "max_concurrent_trials": 2},
-                             trainer={"engine": "ddp", "num_workers": 2, "cpus_per_worker": 0.95, "steps_per_task": 6})
+    path = write_tune_config(
+        tmp_path,
+        {
+            "name": "ddp",
+            "space": {"perturbation.epsilon": {"grid": [0.5]}},
+            "objective": "aaa",
+            "max_concurrent_trials": 2,
+        },
+        trainer={"engine": "ddp", "num_workers": 2, "cpus_per_worker": 0.95, "steps_per_task": 6},
+    )
     summary = run_tune(load_tune_config(path), quiet=True)
 
     assert summary.max_concurrent_trials == 1  # 0.1 + 2 x 0.95 fills the 2 CPUs

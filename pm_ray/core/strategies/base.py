@@ -139,12 +139,16 @@ class MergeStrategy(ABC):
 
     def _validate(self, update: TaskUpdate) -> None:
         if update.task != self.num_tasks + 1:
-            raise ValueError(f"{self.name}: got task {update.task}, expected task {self.num_tasks + 1} (tasks merge in order)")
+            raise ValueError(
+                f"{self.name}: got task {update.task}, expected task {self.num_tasks + 1} (tasks merge in order)"
+            )
         if not update.delta:
             raise ValueError(f"{self.name}: task {update.task} has an empty delta (no adapted modules)")
         check_finite(update.delta, name=f"delta of task {update.task}")
         if self.num_tasks:
-            check_same_layout(self.merged, update.delta, reference_name="the merged state", other_name=f"delta of task {update.task}")
+            check_same_layout(
+                self.merged, update.delta, reference_name="the merged state", other_name=f"delta of task {update.task}"
+            )
         if self.needs_fisher:
             if update.fisher is None:
                 raise ValueError(f"{self.name} needs the Fisher of task {update.task}, but none was given")

@@ -1,10 +1,10 @@
 """Merges along the task vector: θ̂_t = θ̂_{t-1} + α_t Δ_t, differing only in how α_t is chosen.
 
-    sequential   α_t = 1                   (plain sequential LoRA fine-tuning; the lower bound)
-    average      α_t = 1/t                 (running average of the experts θ*_1..θ*_t)
-    fixed        α_t = c                   (a constant)
-    pm           α_t = clip(num/den, 0, 1) (P&M's closed form; see coefficient.py), global or
-                                           per module, from the constant-memory accumulator
+sequential   α_t = 1                   (plain sequential LoRA fine-tuning; the lower bound)
+average      α_t = 1/t                 (running average of the experts θ*_1..θ*_t)
+fixed        α_t = c                   (a constant)
+pm           α_t = clip(num/den, 0, 1) (P&M's closed form; see coefficient.py), global or
+                                       per module, from the constant-memory accumulator
 """
 
 from __future__ import annotations
@@ -122,4 +122,3 @@ class PerturbAndMerge(LineMerge):
         self.accumulator.phi = split_prefixed(acc, "phi")
         self.accumulator.psi = split_prefixed(acc, "psi")
         self.accumulator.num_tasks = int(meta["accumulated_tasks"])
-

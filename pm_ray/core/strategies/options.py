@@ -13,8 +13,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
-           "less_than_equal": ("<=", "le")}
+_BOUNDS = {
+    "greater_than": (">", "gt"),
+    "greater_than_equal": (">=", "ge"),
+    "less_than": ("<", "lt"),
+    "less_than_equal": ("<=", "le"),
+}
 
 
 class StrategyOptions(BaseModel):
@@ -58,7 +62,9 @@ def _problem(strategy: str, options: type[StrategyOptions], error: Any) -> tuple
 def validate_options(strategy: str, options: type[StrategyOptions], values: dict[str, Any]) -> StrategyOptions:
     """The typed options of ``strategy`` from a plain mapping; :class:`StrategyOptionError` if bad."""
     if not isinstance(values, dict):
-        raise StrategyOptionError(strategy, [(None, f"merge options must be a mapping of option: value, got {values!r}")])
+        raise StrategyOptionError(
+            strategy, [(None, f"merge options must be a mapping of option: value, got {values!r}")]
+        )
     try:
         return options.model_validate(values)
     except ValidationError as err:

@@ -81,8 +81,10 @@ class TrajectoryRegularisedMerge(PerturbAndMerge):
     def record_steps(self, steps_per_task: int) -> list[int]:
         k = self.settings.snapshots
         if steps_per_task < k:
-            raise ValueError(f"trm records LoRA_t after each of merge.options.snapshots={k} steps, more than the "
-                             f"{steps_per_task} training steps; lower the snapshots or raise trainer.steps_per_task")
+            raise ValueError(
+                f"trm records LoRA_t after each of merge.options.snapshots={k} steps, more than the "
+                f"{steps_per_task} training steps; lower the snapshots or raise trainer.steps_per_task"
+            )
         return snapshot_steps(steps_per_task, k)
 
     def worker_step(self, step: WorkerStep) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -95,8 +97,17 @@ class TrajectoryRegularisedMerge(PerturbAndMerge):
         groups = layer_groups(list(step.w0)) if s.per_group else None
         c_init = initial_coefficients(s.snapshots, step.alpha, groups)
         with step.model.disable_adapter():
-            c, log = optimize_coefficients(step.model, directions, step.w0, step.batches, c_init, s,
-                                           grad_all_reduce=step.grad_all_reduce, world_size=step.world_size, groups=groups)
+            c, log = optimize_coefficients(
+                step.model,
+                directions,
+                step.w0,
+                step.batches,
+                c_init,
+                s,
+                grad_all_reduce=step.grad_all_reduce,
+                world_size=step.world_size,
+                groups=groups,
+            )
         c = c.cpu()
         merged = {key: value.cpu() for key, value in combine(directions, c, groups).items()}
         # per module when per_group: the merge client splits it by shard like the delta
@@ -116,7 +127,9 @@ class TrajectoryRegularisedMerge(PerturbAndMerge):
                 "has no single α to override (send one or the other)"
             )
         optimised: TensorDict = {key: t.detach().float().cpu() for key, t in update.extras["merged"].items()}
-        check_same_layout(update.delta, optimised, reference_name="delta", other_name=f"extras['merged'] of task {update.task}")
+        check_same_layout(
+            update.delta, optimised, reference_name="delta", other_name=f"extras['merged'] of task {update.task}"
+        )
         check_finite(optimised, name=f"extras['merged'] of task {update.task}")
         used = self._reported_alpha(update)
         prev = self.previous(update)
@@ -135,7 +148,9 @@ class TrajectoryRegularisedMerge(PerturbAndMerge):
             if isinstance(alpha, dict):
                 missing = sorted(set(update.delta) - set(alpha))
                 if missing:
-                    raise ValueError(f"trm: extras['alpha'] of task {update.task} has no entry for modules {missing[:3]}")
+                    raise ValueError(
+                        f"trm: extras['alpha'] of task {update.task} has no entry for modules {missing[:3]}"
+                    )
                 return {key: float(alpha[key]) for key in update.delta}
             return float(alpha)
         c = update.extras.get("coefficients")

@@ -6,8 +6,28 @@ import random
 
 from pm_ray.data.generators.common import Row
 
-NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Farah", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
-         "Milo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Farah",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Milo",
+    "Nia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tara",
+]
 ITEMS = ["apples", "marbles", "stickers", "coins", "books", "pencils", "cards", "shells", "stamps", "eggs"]
 INSTRUCTION = "Solve the word problem. Answer with the final number only."
 
@@ -21,6 +41,8 @@ def arithmetic_row(rng: random.Random) -> Row:
     start = rng.randint(2, 19)
     gained = rng.randint(2, 19)
     lost = rng.randint(1, start + gained - 1)
-    text = (f"{name} has {start} {item}. {name} buys {gained} more {item}, "
-            f"then gives away {lost} {item}. How many {item} does {name} have now?")
+    text = (
+        f"{name} has {start} {item}. {name} buys {gained} more {item}, "
+        f"then gives away {lost} {item}. How many {item} does {name} have now?"
+    )
     return {"instruction": INSTRUCTION, "input": text, "output": str(start + gained - lost)}

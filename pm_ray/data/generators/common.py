@@ -8,8 +8,9 @@ from typing import Callable
 Row = dict[str, object]
 
 
-def unique_rows(make: Callable[[random.Random], Row], rng: random.Random, count: int, *,
-                max_tries_factor: int = 50) -> list[Row]:
+def unique_rows(
+    make: Callable[[random.Random], Row], rng: random.Random, count: int, *, max_tries_factor: int = 50
+) -> list[Row]:
     """`count` rows with pairwise distinct (instruction, input), drawn with `make(rng)`."""
     seen: set[tuple[str, str]] = set()
     rows: list[Row] = []

