@@ -33,7 +33,16 @@ def test_compare_writes_table_json_and_plot(tmp_path, ray_session) -> None:
     )
     rows, table = run_comparison(spec, [], quiet=True)
     assert [r["strategy"] for r in rows] == ["seq", "pm"] and "pm" in table
-    assert json.loads((storage / "compare-cmp.json").read_text()) == json.loads(json.dumps(rows))
+    saved = json.loads((storage / "compare-cmp.json").read_text())
+    extra = ("accuracy", "tasks", "data_hashes")  # the JSON also carries each strategy's matrix and data hashes
+    assert [{k: v for k, v in r.items() if k not in extra} for r in saved] == json.loads(json.dumps(rows))
+    for r in saved:
+        state = json.loads((storage / f"compare-{r['strategy']}" / "state.json").read_text())
+        assert (r["accuracy"], r["tasks"], r["data_hashes"]) == (
+            state["accuracy"],
+            state["task_names"],
+            state["data_hashes"],
+        )
     assert (storage / "compare-cmp.md").read_text().strip() == table
     pixels = imread(storage / "compare-cmp.png")
     assert pixels.ndim == 3 and pixels.reshape(-1, pixels.shape[-1]).std(axis=0).max() > 0
