@@ -8,6 +8,7 @@ Unknown keys are errors that suggest the closest valid key; every error names th
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +104,30 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"override: unknown config key {key!r}{hint}")
+    put_dotted(data, key, value, where=repr(key))
+
+
+def put_dotted(
+    data: dict[str, Any],
+    key: str,
+    value: Any,
+    *,
+    where: str,
+    section: Callable[[dict[str, Any], str, Any], Any] | None = None,
+) -> None:
+    """Walk `key`'s dotted path in `data` (creating missing sections) and set its last part to `value`.
+    `section(node, part, child)` may rewrite a section on the way (e.g. a shorthand string); a value
+    met where a section is needed is a ConfigError naming `where`."""
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if section is not None:
+            child = section(node, part, child)
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+            raise ConfigError(f"override {where}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
 

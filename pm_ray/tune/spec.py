@@ -36,6 +36,7 @@ from pm_ray.config import (
     apply_overrides,
     config_from_dict,
     parse_value,
+    put_dotted,
     read_yaml_mapping,
     set_dotted,
 )
@@ -141,18 +142,13 @@ def _set_dotted_plain(data: dict[str, Any], key: str, raw: str) -> None:
             raise ConfigError("override 'search.space...': search.space is not a mapping")
         space[key[len("space.") :]] = value
         return
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if part == "scheduler" and node is data and isinstance(child, str):  # the `scheduler: asha` shorthand
+
+    def scheduler_shorthand(node: dict[str, Any], part: str, child: Any) -> Any:
+        if part == "scheduler" and node is data and isinstance(child, str):  # `scheduler: asha`
             child = node[part] = {"type": child}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override 'search.{key}': {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+        return child
+
+    put_dotted(data, key, value, where=f"'search.{key}'", section=scheduler_shorthand)
 
 
 def check_space(search: SearchSection, base: RunConfig, source: str) -> None:
