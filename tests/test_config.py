@@ -88,3 +88,8 @@ def test_strategy_options_checked_at_load(overrides, needle) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_override_through_a_value_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"override 'merge.options.lam.deep': 'lam' is a value, not a section"):
+        load_config(None, ["merge.strategy=magmax", "merge.options={lam: 0.5}", "merge.options.lam.deep=2"])
