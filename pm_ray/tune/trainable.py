@@ -25,7 +25,10 @@ from pm_ray.core.coefficient import alpha_stats
 from pm_ray.core.metrics import continual_metrics
 from pm_ray.rundir import RunDir, RunState
 
-POLL_S = 0.5
+# How often the trial reads state.json for newly committed tasks. It must be shorter than a task, or two
+# tasks' reports arrive together and a scheduler (ASHA) cannot stop the trial after the first: tiny test
+# streams commit a task in a fraction of a second. One small JSON read per poll.
+POLL_S = 0.05
 
 
 def trial_run_name(trial_id: str) -> str:
