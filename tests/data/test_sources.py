@@ -299,7 +299,7 @@ def test_fetch_archive_checks_the_registry_sha256_and_writes_atomically(tmp_path
             assert got.read_bytes() == archive.read_bytes()
             assert bigbench.read_archive_tasks(got, ["intent"])["intent"]["examples"]
         else:
-            with pytest.raises(TaskDataError, match="sha256 0{64}"):
+            with pytest.raises(TaskDataError, match="does not match the registry.s 0{64}"):
                 bigbench.fetch_archive(cache, quiet=True)
             assert list(cache.iterdir()) == []  # nothing half-written is left
     finally:
