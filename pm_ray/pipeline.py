@@ -125,6 +125,10 @@ def init_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=show_worker_logs)
     else:
+        # Ray starts workers at nice 15, so on a small machine anything else (an editor's indexer, a
+        # test run) starves training; the local cluster pm-ray starts exists for this run alone.
+        # `ray job submit` already runs the driver's workers at 0. Set RAY_worker_niceness to override.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(include_dashboard=False, log_to_driver=show_worker_logs, runtime_env={"env_vars": WORKER_ENV})
 
 
