@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pm_ray.data.readers import load_stream, load_task, make_task, read_table
+from pm_ray.data.readers import load_task, make_task, read_table
 from pm_ray.data.schema import Task, TaskDataError, TaskKind
 
-__all__ = ["Task", "TaskDataError", "TaskKind", "load_stream", "load_task", "make_task", "read_table"]
+__all__ = ["Task", "TaskDataError", "TaskKind", "load_task", "make_task", "read_table"]

@@ -16,7 +16,6 @@ from pm_ray.data.schema import TASK_KINDS, Task, TaskDataError, example_key, val
 # TRACE (Wang et al. 2023) stores [{"prompt": ..., "answer": ...}]; Alpaca stores
 # [{"instruction": ..., "input": ..., "output": ...}]. Both map onto the instruction schema.
 TRACE_RENAMES: dict[str, str] = {"prompt": "instruction", "answer": "output"}
-STREAM_SPEC_KEYS: tuple[str, ...] = ("name", "kind", "train", "test")
 
 
 class TrainTestOverlapWarning(UserWarning):
@@ -179,30 +178,3 @@ def _warn_overlap(name: str, kind: str, train: pa.Table, test: pa.Table) -> int:
             stacklevel=3,
         )
     return overlap
-
-
-def load_stream(specs: list[dict[str, Any]]) -> list[Task]:
-    """Load an ordered task stream from [{"name", "kind", "train", "test"}, ...]."""
-    if not specs:
-        raise ValueError("task stream is empty: expected a list of {name, kind, train, test} entries")
-    seen: dict[str, int] = {}
-    for i, spec in enumerate(specs):
-        if not isinstance(spec, dict):
-            raise ValueError(
-                f"task stream entry {i}: expected a mapping with keys {list(STREAM_SPEC_KEYS)}, "
-                f"got {type(spec).__name__}"
-            )
-        missing = [k for k in STREAM_SPEC_KEYS if k not in spec]
-        unknown = [k for k in spec if k not in STREAM_SPEC_KEYS]
-        if missing or unknown:
-            raise ValueError(
-                f"task stream entry {i} ({spec.get('name', '?')!r}): missing keys {missing}, "
-                f"unknown keys {unknown}; expected exactly {list(STREAM_SPEC_KEYS)}"
-            )
-        name = spec["name"]
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"task stream entry {i}: name must be a non-empty string, got {name!r}")
-        if name in seen:
-            raise ValueError(f"task stream entry {i}: duplicate task name {name!r} (also entry {seen[name]})")
-        seen[name] = i
-    return [load_task(s["name"], s["kind"], s["train"], s["test"]) for s in specs]

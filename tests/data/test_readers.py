@@ -5,7 +5,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pm_ray.data.readers import load_stream, load_task, read_table
+from pm_ray.data.readers import load_task, read_table
+from pm_ray.data.sources import load_sources
 
 ROWS = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Add", "input": "2 3", "output": "5"}]
 TEST = [{"instruction": "Add", "input": "4 4", "output": "8"}]
@@ -64,12 +65,12 @@ def test_choices_column_is_kept(tmp_path):
     assert task.train.column("choices").to_pylist() == [["a", "b"], ["a", "b", "c"]]
 
 
-def test_load_stream_keeps_order_and_kinds(tmp_path):
+def test_load_sources_keeps_order_and_kinds(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
     (tmp_path / "b.jsonl").write_text(json.dumps(TEST[0]))
     (tmp_path / "c_train.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
     (tmp_path / "c_test.jsonl").write_text('{"text": "fine", "label": "pos"}\n')
-    tasks = load_stream(
+    tasks = load_sources(
         [
             {
                 "name": "second",

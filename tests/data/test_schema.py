@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pm_ray.data.readers import TrainTestOverlapWarning, load_stream, load_task
+from pm_ray.data.readers import TrainTestOverlapWarning, load_task
 from pm_ray.data.schema import TaskDataError, validate_table
+from pm_ray.data.sources import load_sources
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -112,13 +113,17 @@ def test_duplicate_task_names_are_rejected(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", GOOD)
     test = write_jsonl(tmp_path / "test.jsonl", [{"instruction": "add", "input": "5 5", "output": "10"}])
     spec = {"name": "same", "kind": "instruction", "train": str(train), "test": str(test)}
-    with pytest.raises(ValueError, match="duplicate task name 'same'"):
-        load_stream([spec, dict(spec)])
+    with pytest.raises(
+        TaskDataError, match=r"tasks\.files\[1\].*duplicate task name 'same' \(also tasks\.files\[0\]\)"
+    ):
+        load_sources([spec, dict(spec)])
 
 
 def test_stream_entry_with_unknown_key_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match=r"missing keys \['test'\], unknown keys \['tset'\]"):
-        load_stream([{"name": "a", "kind": "instruction", "train": "x", "tset": "y"}])
+    with pytest.raises(TaskDataError, match=r"tasks\.files\[0\].*unknown keys \['tset'\]"):
+        load_sources([{"name": "a", "kind": "instruction", "train": "x", "tset": "y"}])
+    with pytest.raises(TaskDataError, match="give either path .* or both train and test"):
+        load_sources([{"name": "a", "kind": "instruction", "train": "x"}])
 
 
 def test_unknown_kind_is_rejected(tmp_path):
