@@ -69,6 +69,18 @@ class RunConfig(Section):
             ) from None
         return self
 
+    @model_validator(mode="after")
+    def _validation_rows_for_validation_split(self) -> RunConfig:
+        if self.eval.split == "validation" and self.tasks.validation_rows == 0:
+            raise PydanticCustomError(
+                "validation_split",
+                "{text}",
+                {
+                    "text": "eval.split=validation needs tasks.validation_rows > 0 (rows held out of each training split)"
+                },
+            )
+        return self
+
     def run_name(self, default_stem: str = "run") -> str:
         return self.storage.run_name or f"{self.merge.strategy}-{default_stem}"
 

@@ -64,6 +64,9 @@ class TasksSection(Section):
     # Prompt style of the suite's BIG-bench multiple-choice tasks: auto = each task's own
     # append_choices_to_input (BIG-bench's default: list the choices), list / hide = force it.
     choices_in_prompt: Literal["auto", "list", "hide"] = "auto"
+    # Rows held out of every task's training split (never trained on) to choose settings on with
+    # eval.split=validation; pm_ray/data/validation.py.
+    validation_rows: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> TasksSection:
@@ -163,6 +166,7 @@ class EvalSection(Section):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     max_rows: int | None = Field(40, ge=1)  # test rows per task (None: all)
+    split: Literal["test", "validation"] = "test"  # validation: the tasks.validation_rows held out of train
 
 
 class DiagnosticsSection(Section):

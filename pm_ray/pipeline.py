@@ -82,6 +82,7 @@ def _write_task_data(root: Path, index: int, task: Any) -> str:
 def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
     """Create the run directory (atomically) or check that an existing one can be resumed."""
     from pm_ray import preflight
+    from pm_ray.data.validation import carve_validation
 
     storage = Path(cfg.storage.path).expanduser().resolve()
     run = RunDir(storage / run_name)
@@ -96,6 +97,10 @@ def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
     preflight.make_storage(storage)
     with atomic_directory(run.path) as tmp:
         tasks = _resolve_tasks(cfg, storage / ".cache")
+        tasks = [
+            carve_validation(t, cfg.tasks.validation_rows, seed=cfg.tasks.seed, evaluate_on=cfg.eval.split)
+            for t in tasks
+        ]
         preflight.check_tasks(cfg, tasks)
         hashes = {f"{i}-{t.name}": _write_task_data(tmp, i, t) for i, t in enumerate(tasks, start=1)}
         staged = RunDir(tmp)

@@ -92,3 +92,17 @@ def subsample(rows: list[Row], count: int | None, *, seed: int) -> list[Row]:
     labels = label_of(rows)
     take = balanced_take(list(range(len(rows))), labels, count, random.Random(f"pm-ray-subsample/{seed}"))
     return [rows[i] for i in take]
+
+
+def hold_out(rows: list[Row], count: int, *, seed: int, label_key: str = "output") -> tuple[list[Row], list[Row]]:
+    """(kept, held): `count` label-balanced rows held out of a training split, both in their order.
+
+    The validation split that settings are chosen on: drawn from the training rows only, so the
+    test rows stay untouched, and the same (rows, count, seed) always hold out the same rows.
+    """
+    if label_key == "output":
+        labels = label_of(rows)
+    else:
+        labels = [str(r[label_key]) for r in rows]
+    held = set(balanced_take(list(range(len(rows))), labels, count, random.Random(f"pm-ray-validation/{seed}")))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
