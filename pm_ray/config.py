@@ -158,7 +158,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "strategy_option":  # the message names the merge.options key itself
+        # The message names its own keys: strategy options, and the cross-section checks of RunConfig
+        # (at the root, where the input would be the whole config).
+        if e["type"] == "strategy_option" or not e["loc"]:
             lines.append(f"{source}: {e['msg']}")
         elif e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc, valid, n=1)

@@ -46,7 +46,8 @@ def test_both_splits_train_on_the_same_rows_and_validation_comes_from_train() ->
 def test_bad_validation_settings_name_the_field(tmp_path) -> None:
     with pytest.raises(TaskDataError, match=r"tasks.validation_rows=60.*'mc' has 60 training rows"):
         carve_validation(mc_task(), 60, seed=0, evaluate_on="test")
-    with pytest.raises(ConfigError, match="eval.split=validation needs tasks.validation_rows > 0"):
+    with pytest.raises(ConfigError, match="eval.split=validation needs tasks.validation_rows > 0") as err:
         config_from_dict({"eval": {"split": "validation"}, "storage": {"path": str(tmp_path)}})
+    assert str(err.value).count("\n") == 0 and "got {" not in str(err.value)  # one line, no config dump
     cfg = config_from_dict({"eval": {"split": "validation"}, "tasks": {"validation_rows": 20}})
     assert cfg.eval.split == "validation" and cfg.tasks.validation_rows == 20
