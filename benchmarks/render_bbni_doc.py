@@ -31,22 +31,29 @@ def stderr(p: float, n: int) -> float:
 
 
 def candidate_table(probes: list[dict]) -> str:
-    rows = []
+    """One row a candidate; a later probe of the same candidate replaces an earlier one's figures."""
+    latest: dict[str, tuple[dict, float | None, dict]] = {}
     for probe in probes:
         for name, result in probe["zero_shot"].items():
-            n, zero, own = result["total"], result["score"], probe["after_own_training"].get(name)
-            rows.append(
-                [
-                    name,
-                    probe["rows"][name]["train"],
-                    n,
-                    result["metric"],
-                    f"{zero:.2f} ± {stderr(zero, n):.2f}",
-                    "-" if own is None else f"{own:.2f} ± {stderr(own, n):.2f}",
-                    "-" if own is None else f"{own - zero:+.2f}",
-                    "yes" if name in BBNI_TASKS else "no",
-                ]
-            )
+            own = probe["after_own_training"].get(name)
+            if own is None and name in latest:
+                own = latest[name][1]
+            latest[name] = (result, own, probe)
+    rows = []
+    for name, (result, own, probe) in latest.items():
+        n, zero = result["total"], result["score"]
+        rows.append(
+            [
+                name,
+                probe["rows"][name]["train"],
+                n,
+                result["metric"],
+                f"{zero:.2f} ± {stderr(zero, n):.2f}",
+                "-" if own is None else f"{own:.2f} ± {stderr(own, n):.2f}",
+                "-" if own is None else f"{own - zero:+.2f}",
+                "yes" if name in BBNI_TASKS else "no",
+            ]
+        )
     return tabulate(
         rows,
         headers=["candidate", "train rows", "test rows", "metric", "zero-shot", "trained alone", "gain", "in bbni"],

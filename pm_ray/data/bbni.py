@@ -23,6 +23,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "vitaminc": {"path": "bigbench:vitaminc_fact_verification"},
     "social_iqa": {"path": "bigbench:social_iqa"},
     "hyperbaton": {"path": "bigbench:hyperbaton"},
+    "color_rgb": {"path": "bigbench:color/rgb"},
+    "object_counting": {"path": "bigbench:object_counting"},
+    "past_tense": {"path": "bigbench:linguistic_mappings/past_tense_json"},
     "question_type": {"path": f"bigbench:{NI}/subtask046_miscellaenous_question_typing", "instruction_part": "prompt"},
     "qasc_answer": {"path": f"bigbench:{NI}/subtask041_qasc_answer_generation", "instruction_part": "prompt"},
     "winogrande_answer": {
@@ -30,9 +33,17 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "instruction_part": "prompt",
     },
 }
-# The stream: multiple choice and generation interleaved, six domains (social commonsense, science
-# QA, assistant intents, question typing, fact checking, commonsense fill-in).
-BBNI_TASKS: tuple[str, ...] = ("social_iqa", "qasc_answer", "intent", "question_type", "fever", "winogrande_answer")
+# The stream: multiple choice and generation, six domains (social commonsense, science QA, assistant
+# intents, question typing, English verb morphology, commonsense fill-in). fever was measured and
+# replaced: trained alone it stays at the majority label (docs/bbni.md).
+BBNI_TASKS: tuple[str, ...] = (
+    "social_iqa",
+    "qasc_answer",
+    "intent",
+    "question_type",
+    "past_tense",
+    "winogrande_answer",
+)
 SIZES: dict[str, tuple[int, int]] = {"quick": (160, 100), "full": (400, 250)}  # (train, test) rows a task
 
 
