@@ -146,6 +146,7 @@ def plot_comparison(
     ax.set_xticks(range(len(rows)), strategies, rotation=30, ha="right")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("score")
+    ax.margins(y=0.15)  # room for the labels above the error bars
     ax.set_title("final accuracy and forgetting per strategy" + (" (bars: CI over seeds)" if errors else ""))
     ax.legend(loc="best", fontsize=8)
     return _save(figure, path)
