@@ -6,8 +6,9 @@
       sequential: {merge.strategy: sequential, perturbation.mode: none}
       pm: {merge.strategy: pm}
 
-Every strategy runs under every seed (``trainer.seed``: LoRA init, batch order, perturbation and
-DARE draws; ``tasks.seed`` stays, so every run sees the same data). Each (strategy, seed) is its own
+Every strategy runs under every seed (``trainer.seed``: LoRA init, batch order, perturbation draws;
+``tasks.seed`` stays, so every run sees the same data, and DARE's drop masks keep
+``merge.options.seed``). Each (strategy, seed) is its own
 run directory: ``compare-<name>`` with one seed (or no seeds list: the base config's seed), and
 ``compare-<name>-seed<s>`` with several, so an interrupted comparison resumes run by run and a
 finished run is reused as it is. The report (pm_ray/compare_results.py for the JSON,
