@@ -21,6 +21,7 @@ from pathlib import Path
 from doc_blocks import replace_block
 from tabulate import tabulate
 
+from pm_ray.compare_results import strategy_entries
 from pm_ray.data.bbni import BBNI_TASKS, SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +62,9 @@ def candidate_table(probes: list[dict]) -> str:
     )
 
 
-def stream_table(demo: list[dict], zero_shot: dict[str, float]) -> str:
-    seq = next(r for r in demo if r["strategy"] == "sequential")
+def stream_table(demo: list[dict] | dict, zero_shot: dict[str, float]) -> str:
+    """From a comparison JSON of either format; with several seeds, the sequential row's mean matrix."""
+    seq = next(r for r in strategy_entries(demo) if r["strategy"] == "sequential")
     names, R = seq["tasks"], seq["accuracy"]
     rows = []
     for i, name in enumerate(names):

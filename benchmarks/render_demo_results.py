@@ -16,19 +16,25 @@ from pathlib import Path
 
 from doc_blocks import replace_block
 
-from pm_ray.compare import comparison_report
+from pm_ray.compare_report import comparison_markdown
+from pm_ray.compare_results import as_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def render(payload: list[dict], *, wall_s: float | None, machine: str) -> str:
-    rows = [{k: v for k, v in r.items() if k not in ("accuracy", "tasks", "test_rows", "data_hashes")} for r in payload]
-    matrices = {r["strategy"]: (r["tasks"], r["accuracy"]) for r in payload}
-    report = comparison_report(rows, matrices, payload[-1]["test_rows"])
+def render(data: list[dict] | dict, *, wall_s: float | None, machine: str) -> str:
+    """The README block from a comparison JSON of either format (pm_ray.compare_results.as_payload)."""
+    payload = as_payload(data)
+    report = comparison_markdown(payload)
     when = f" in {wall_s:.0f} s" if wall_s is not None else ""
+    seeds = payload["seeds"]
+    resolution = (
+        "one seed, so read differences against the resolution given by the test rows"
+        if len(seeds) == 1
+        else f"{len(seeds)} seeds; ± is the 95% interval over seeds"
+    )
     return (
-        f"`make demo` (jobs/demo.yaml), measured{when} on {machine}; one seed, so read differences "
-        f"against the resolution given by the test rows.\n\n{report.replace('### ', '#### ')}"
+        f"`make demo` (jobs/demo.yaml), measured{when} on {machine}; {resolution}.\n\n{report.replace('### ', '#### ')}"
     )
 
 

@@ -64,9 +64,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from pm_ray.compare import run_comparison
+    from pm_ray.compare import parse_seeds, run_comparison
 
-    _, table = run_comparison(Path(args.spec), args.overrides, quiet=args.quiet)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None  # before anything is written
+    _, table = run_comparison(Path(args.spec), args.overrides, seeds=seeds, quiet=args.quiet)
     print(table)
     return EXIT_OK
 
@@ -104,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     rep.set_defaults(fn=_cmd_report)
     cmp_ = sub.add_parser(
-        "compare", help="the same stream under several strategies: pm-ray compare SPEC [key=value ...]"
+        "compare",
+        help="the same stream under several strategies (and seeds): pm-ray compare SPEC [--seeds 0,1,2] [key=value ...]",
     )
     cmp_.add_argument("spec")
     cmp_.add_argument("overrides", nargs="*", help="applied to every entry, e.g. tasks.limit=3")
+    cmp_.add_argument(
+        "--seeds", default=None, help="comma-separated trainer seeds, e.g. 0,1,2 (replaces the spec's 'seeds')"
+    )
     cmp_.add_argument("--quiet", action="store_true")
     cmp_.set_defaults(fn=_cmd_compare)
     try:

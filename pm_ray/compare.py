@@ -1,41 +1,73 @@
-"""`pm-ray compare SPEC.yaml`: the same stream and seed under several strategies, one table.
+"""`pm-ray compare SPEC.yaml [--seeds 0,1,2]`: the same stream under several strategies and seeds.
 
     base: quickstart.yaml                      # a run config, relative to the spec file
+    seeds: [0, 1, 2]                           # optional; --seeds overrides it
     strategies:
       sequential: {merge.strategy: sequential, perturbation.mode: none}
       pm: {merge.strategy: pm}
 
-Each entry is a separate run directory (``compare-<name>``), so an interrupted comparison resumes
-entry by entry. The report (each strategy's accuracy matrix, then one table of ACC, AAA,
-forgetting, BWT and α per task, and the test rows behind every score) is printed and written to
-``<storage>/compare-<spec stem>.{md,json}``, with a bar plot of final accuracy and forgetting per
-strategy (``.png``).
+Every strategy runs under every seed (``trainer.seed``: LoRA init, batch order, perturbation draws;
+``tasks.seed`` stays, so every run sees the same data, and DARE's drop masks keep
+``merge.options.seed``). Each (strategy, seed) is its own
+run directory: ``compare-<name>`` with one seed (or no seeds list: the base config's seed), and
+``compare-<name>-seed<s>`` with several, so an interrupted comparison resumes run by run and a
+finished run is reused as it is. The report (pm_ray/compare_results.py for the JSON,
+pm_ray/compare_report.py for the tables and plots) is printed and written to
+``<storage>/compare-<spec stem>.{md,json}``, with plots ``compare-<spec stem>.png`` (ACC and
+forgetting, error bars over seeds), ``-alphas.png`` and ``-accuracy-<strategy>.png``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from pm_ray.config import ConfigError, load_config, read_yaml_mapping
+from pm_ray.config import ConfigError, RunConfig, load_config, read_yaml_mapping
 from pm_ray.core.tensors import atomic_write_bytes
-from pm_ray.pipeline import run_continual
 from pm_ray.preflight import check_run
 
+SPEC_KEYS = {"base", "strategies", "seeds"}
 
-def load_spec(path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
+
+class Spec(NamedTuple):
+    base: Path
+    strategies: dict[str, dict[str, Any]]
+    seeds: list[int] | None
+
+
+def _check_seeds(seeds: Any, where: str) -> list[int]:
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError(f"{where}: {seeds!r}; expected a non-empty list of integer seeds >= 0, e.g. [0, 1, 2]")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"{where}: {s!r} is not an integer >= 0 (seeds {seeds!r})")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: {seeds!r} repeats a seed; expected distinct seeds")
+    return list(seeds)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> [0, 1, 2]; anything else is a ConfigError naming the value."""
+    items = [item.strip() for item in text.split(",")]
+    seeds = []
+    for item in items:
+        if not item.isdigit():  # digits only: no sign, no empty item
+            raise ConfigError(
+                f"--seeds {text!r}: {item!r} is not an integer >= 0; expected comma-separated seeds, e.g. --seeds 0,1,2"
+            )
+        seeds.append(int(item))
+    return _check_seeds(seeds, f"--seeds {text!r}")
+
+
+def load_spec(path: Path) -> Spec:
     if not path.is_file():
         raise ConfigError(f"{path}: comparison spec does not exist")
     spec = read_yaml_mapping(path)
-    if (
-        not isinstance(spec, dict)
-        or set(spec) - {"base", "strategies"}
-        or "base" not in spec
-        or "strategies" not in spec
-    ):
+    if not isinstance(spec, dict) or set(spec) - SPEC_KEYS or "base" not in spec or "strategies" not in spec:
         raise ConfigError(
-            f"{path}: expected exactly the keys 'base' (a run config) and 'strategies' (name -> overrides)"
+            f"{path}: expected the keys 'base' (a run config) and 'strategies' (name -> overrides), "
+            f"optionally 'seeds' (a list); got {sorted(spec) if isinstance(spec, dict) else spec!r}"
         )
     strategies = spec["strategies"]
     if not isinstance(strategies, dict) or not strategies:
@@ -43,18 +75,59 @@ def load_spec(path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
     for name, overrides in strategies.items():
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: strategies.{name} must be a dict of dotted overrides, got {overrides!r}")
-    return (path.parent / spec["base"]).resolve(), strategies
+    seeds = _check_seeds(spec["seeds"], f"{path}: seeds") if "seeds" in spec else None
+    return Spec((path.parent / spec["base"]).resolve(), strategies, seeds)
 
 
-def summary_row(name: str, state: Any) -> dict[str, Any]:
+def plan_runs(
+    spec_path: Path, overrides: list[str], seeds: list[int] | None = None
+) -> tuple[list[int], dict[str, list[tuple[int, RunConfig]]]]:
+    """Every (strategy, seed) config, validated before the first run starts. ``seeds`` (from the
+    command line) replaces the spec's list; with neither, each entry runs once at its own trainer.seed."""
+    spec = load_spec(spec_path)
+    seeds = seeds if seeds is not None else spec.seeds
+    if seeds is not None:
+        clash = [o for o in overrides if o.split("=", 1)[0].strip() == "trainer.seed"]
+        clash += [f"strategies.{n}" for n, entry in spec.strategies.items() if "trainer.seed" in entry]
+        if clash:
+            raise ConfigError(
+                f"{spec_path}: trainer.seed is set by {', '.join(clash)} but the comparison has seeds {seeds}; "
+                "give the seeds as the spec's 'seeds' or --seeds only"
+            )
+    plan: dict[str, list[tuple[int, RunConfig]]] = {}
+    for name, entry in spec.strategies.items():
+        extra = [f"{key}={json.dumps(value)}" for key, value in entry.items()]
+        plan[name] = []
+        for seed in seeds if seeds is not None else [None]:
+            if seed is None:
+                cfg = load_config(spec.base, [*overrides, *extra, f"storage.run_name=compare-{name}"])
+            else:
+                suffix = "" if len(seeds) == 1 else f"-seed{seed}"
+                run_name = f"storage.run_name=compare-{name}{suffix}"
+                cfg = load_config(spec.base, [*overrides, *extra, f"trainer.seed={seed}", run_name])
+            check_run(cfg)
+            plan[name].append((cfg.trainer.seed, cfg))
+    used = seeds if seeds is not None else sorted({s for runs in plan.values() for s, _ in runs})
+    return used, plan
+
+
+def run_record(name: str, seed: int, summary: Any, max_rows: int | None) -> dict[str, Any]:
+    """One finished run as a row of the comparison (the format-1 row plus seed and run name)."""
     from pm_ray.report import diagnostics_summary
 
+    state = summary.state
     return {
+        "seed": seed,
+        "run_name": summary.run_dir.name,
         "strategy": name,
         **state.metrics,
         "alphas": state.alphas,
         "wall_s": round(state.wall_s, 1),
         **diagnostics_summary(state.diagnostics),
+        "test_rows": eval_rows_per_task(summary.run_dir, state, max_rows),
+        "accuracy": state.accuracy,
+        "tasks": state.task_names,
+        "data_hashes": state.data_hashes,
     }
 
 
@@ -69,58 +142,27 @@ def eval_rows_per_task(run_dir: Path, state: Any, max_rows: int | None) -> dict[
     return rows
 
 
-def comparison_report(
-    rows: list[dict[str, Any]], matrices: dict[str, tuple[list[str], list[list[float]]]], eval_rows: dict[str, int]
-) -> str:
-    from pm_ray.report import format_comparison_table, format_results_table
+def run_comparison(
+    spec_path: Path, overrides: list[str], *, seeds: list[int] | None = None, quiet: bool = False
+) -> tuple[dict[str, Any], str]:
+    """Run (or reuse) every (strategy, seed) and write the report; returns (the JSON payload, the Markdown)."""
+    from pm_ray.compare_report import comparison_markdown, comparison_plots
+    from pm_ray.compare_results import build_payload
+    from pm_ray.pipeline import run_continual
 
-    parts = []
-    for name, (task_names, R) in matrices.items():
-        parts.append(
-            f"### {name}: accuracy after each task (row l = the merged model after task l)\n\n"
-            + format_results_table(R, task_names, markdown=True)
-        )
-    parts.append("### Summary\n\n" + format_comparison_table(rows, markdown=True))
-    parts.append(
-        "Test rows per task: "
-        + ", ".join(f"{k} {v}" for k, v in eval_rows.items())
-        + " (one answer moves a task's score by 1/rows)."
-    )
-    return "\n\n".join(parts)
-
-
-def run_comparison(spec_path: Path, overrides: list[str], *, quiet: bool = False) -> tuple[list[dict[str, Any]], str]:
-    from pm_ray.report import plot_comparison
-
-    base, strategies = load_spec(spec_path)
-    configs = {}
-    for name, entry in strategies.items():  # validate every entry before the first run starts
-        extra = [f"{key}={json.dumps(value)}" for key, value in entry.items()]
-        configs[name] = load_config(base, [*overrides, *extra, f"storage.run_name=compare-{name}"])
-        check_run(configs[name])
-    rows: list[dict[str, Any]] = []
-    matrices: dict[str, tuple[list[str], list[list[float]]]] = {}
-    eval_rows: dict[str, int] = {}
-    hashes: dict[str, dict[str, str]] = {}
-    for name, cfg in configs.items():
-        summary = run_continual(cfg, config_stem=name, quiet=quiet)
-        rows.append(summary_row(name, summary.state))
-        matrices[name] = (summary.state.task_names, summary.state.accuracy)
-        hashes[name] = summary.state.data_hashes
-        eval_rows = eval_rows_per_task(summary.run_dir, summary.state, cfg.eval.max_rows)
-        rows[-1]["test_rows"] = eval_rows
-    table = comparison_report([{k: v for k, v in r.items() if k != "test_rows"} for r in rows], matrices, eval_rows)
-    storage = Path(next(iter(configs.values())).storage.path).expanduser().resolve()
-    payload = [
-        {
-            **r,
-            "accuracy": matrices[r["strategy"]][1],
-            "tasks": matrices[r["strategy"]][0],
-            "data_hashes": hashes[r["strategy"]],
-        }
-        for r in rows
-    ]
-    atomic_write_bytes(storage / f"compare-{spec_path.stem}.md", (table + "\n").encode())
-    atomic_write_bytes(storage / f"compare-{spec_path.stem}.json", json.dumps(payload, indent=2).encode())
-    plot_comparison(rows, storage / f"compare-{spec_path.stem}.png")
-    return rows, table
+    used, plan = plan_runs(spec_path, overrides, seeds)
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in plan}
+    for k in range(max(len(runs) for runs in plan.values())):  # seed by seed: a full comparison first
+        for name, runs in plan.items():
+            if k < len(runs):
+                seed, cfg = runs[k]
+                summary = run_continual(cfg, config_stem=name, quiet=quiet)
+                records[name].append(run_record(name, seed, summary, cfg.eval.max_rows))
+    payload = build_payload(spec_path.stem, used, records)
+    table = comparison_markdown(payload)
+    storage = Path(next(iter(plan.values()))[0][1].storage.path).expanduser().resolve()
+    stem = storage / f"compare-{spec_path.stem}"
+    atomic_write_bytes(stem.with_name(stem.name + ".md"), (table + "\n").encode())
+    atomic_write_bytes(stem.with_name(stem.name + ".json"), json.dumps(payload, indent=2).encode())
+    comparison_plots(payload, stem)
+    return payload, table

@@ -34,7 +34,9 @@ def _save(figure: Any, path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy_heatmap(R: Sequence[Sequence[Any]], task_names: Sequence[str], path: str | Path) -> Path:
+def plot_accuracy_heatmap(
+    R: Sequence[Sequence[Any]], task_names: Sequence[str], path: str | Path, *, title: str = "accuracy matrix"
+) -> Path:
     """The lower triangle of R as a heatmap, each cell annotated with its score."""
     import numpy as np
 
@@ -72,7 +74,7 @@ def plot_accuracy_heatmap(R: Sequence[Sequence[Any]], task_names: Sequence[str],
     ax.set_yticks(range(T), [f"{l + 1} {name}" for l, name in enumerate(labels)])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after learning task")
-    ax.set_title("accuracy matrix")
+    ax.set_title(title)
     figure.colorbar(image, ax=ax)
     return _save(figure, path)
 
@@ -126,19 +128,55 @@ def plot_task_curves(R: Sequence[Sequence[Any]], task_names: Sequence[str], path
     return _save(figure, path)
 
 
-def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Side-by-side bars of final accuracy and forgetting per strategy."""
+def plot_comparison(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, *, errors: Mapping[str, Sequence[Any]] | None = None
+) -> Path:
+    """Side-by-side bars of final accuracy and forgetting per strategy; ``errors`` ({"acc": [...],
+    "forgetting": [...]}, one half-width or None per row) draws error bars (e.g. a CI over seeds)."""
     strategies = [str(row.get("strategy", MISSING)) for row in rows]
     figure = _new_figure(max(4.5, 1.5 + 1.0 * len(rows)), 3.5)
     ax = figure.add_subplot()
     width = 0.38
     for offset, key in ((-width / 2, "acc"), (width / 2, "forgetting")):
         values = [float(row[key]) if isinstance(row.get(key), (int, float)) else math.nan for row in rows]
-        bars = ax.bar([x + offset for x in range(len(rows))], values, width, label=key)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        halves = list((errors or {}).get(key) or [])
+        yerr = [float(h) if isinstance(h, (int, float)) else 0.0 for h in halves] if any(halves) else None
+        bars = ax.bar([x + offset for x in range(len(rows))], values, width, label=key, yerr=yerr, capsize=4)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=8 if yerr else 0)
     ax.set_xticks(range(len(rows)), strategies, rotation=30, ha="right")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("score")
-    ax.set_title("final accuracy and forgetting per strategy")
+    ax.margins(y=0.15)  # room for the labels above the error bars
+    ax.set_title("final accuracy and forgetting per strategy" + (" (bars: CI over seeds)" if errors else ""))
     ax.legend(loc="best", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_strategy_alphas(entries: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """α per task, one line per strategy (its mean over seeds; error bars: the CI half-width in
+    ``alpha_summary`` when there is one). Strategies without α are listed in the title."""
+    figure = _new_figure(max(4.5, 2.0 + 0.7 * max((len(e.get("alphas") or []) for e in entries), default=1)), 3.5)
+    ax = figure.add_subplot()
+    without = []
+    for e in entries:
+        alphas = list(e.get("alphas") or [])
+        points = [(t, a) for t, a in enumerate(alphas) if isinstance(a, (int, float))]
+        if not points:
+            without.append(str(e.get("strategy", MISSING)))
+            continue
+        spread = list(e.get("alpha_summary") or [])
+        yerr = [(spread[t] or {}).get("ci_half") or 0.0 if t < len(spread) else 0.0 for t, _ in points]
+        ax.errorbar(
+            [t + 1 for t, _ in points], [a for _, a in points], yerr=yerr, fmt="o-", capsize=3, label=e["strategy"]
+        )
+    names = next((e.get("tasks") for e in entries if e.get("tasks")), [])
+    ax.set_xticks(range(1, len(names) + 1), [f"{t + 1} {n}" for t, n in enumerate(names)], rotation=45, ha="right")
+    ax.set_xlabel("task")
+    ax.set_ylabel("α")
+    ax.set_title("merge coefficient per task" + (f" (no α: {', '.join(without)})" if without else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(without) < len(entries):
+        ax.legend(loc="best", fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no strategy has a merge coefficient α", ha="center", va="center", transform=ax.transAxes)
     return _save(figure, path)
