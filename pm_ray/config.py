@@ -87,8 +87,7 @@ class RunConfig(Section):
     def _olora_is_orthogonal(self) -> RunConfig:
         from pm_ray.core.strategies import strategy_class
 
-        said_off = "enabled" in self.orthogonal.model_fields_set and not self.orthogonal.enabled
-        if said_off and strategy_class(self.merge.strategy).trains_orthogonal:
+        if self.orthogonal.enabled is False and strategy_class(self.merge.strategy).trains_orthogonal:
             raise PydanticCustomError(
                 "orthogonal",
                 "{text}",
@@ -101,10 +100,13 @@ class RunConfig(Section):
         return self
 
     def orthogonal_training(self) -> bool:
-        """Whether tasks train with O-LoRA's term: orthogonal.enabled, or a strategy that implies it."""
+        """Whether tasks train with O-LoRA's term: orthogonal.enabled if given, else whether the strategy
+        implies it (olora)."""
         from pm_ray.core.strategies import strategy_class
 
-        return self.orthogonal.enabled or strategy_class(self.merge.strategy).trains_orthogonal
+        if self.orthogonal.enabled is not None:
+            return self.orthogonal.enabled
+        return strategy_class(self.merge.strategy).trains_orthogonal
 
     def run_name(self, default_stem: str = "run") -> str:
         return self.storage.run_name or f"{self.merge.strategy}-{default_stem}"

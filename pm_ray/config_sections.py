@@ -134,7 +134,7 @@ class OrthogonalSection(Section):
     term, so it combines with any merge strategy; merge.strategy=olora turns it on with sequential
     merging."""
 
-    enabled: bool = False
+    enabled: bool | None = None  # None: on for a strategy that implies it (olora), off for the others
     lam: float = Field(0.5, ge=0, allow_inf_nan=False)  # λ₁ (0.5 in the paper)
     l2: float = Field(0.0, ge=0, allow_inf_nan=False)  # λ₂ (small in the paper)
 

@@ -117,9 +117,11 @@ def test_orthogonal_section_errors_name_the_field(overrides, needle) -> None:
 
 def test_orthogonal_training_is_a_strategy_or_the_option() -> None:
     assert not load_config(None).orthogonal_training()
+    assert not load_config(None, ["orthogonal.enabled=false"]).orthogonal_training()
     olora = load_config(None, ["merge.strategy=olora"])
     assert olora.orthogonal_training() and olora.orthogonal.lam == 0.5 and olora.orthogonal.l2 == 0.0
     assert load_config(None, ["merge.strategy=olora", "orthogonal.enabled=true"]).orthogonal_training()
     combined = load_config(None, ["merge.strategy=pm", "orthogonal.enabled=true", "orthogonal.lam=2"])
     assert combined.orthogonal_training() and combined.orthogonal.lam == 2.0
     assert not load_config(None, ["merge.strategy=pm", "orthogonal.lam=2"]).orthogonal_training()
+    assert config_from_dict(olora.model_dump(mode="json")) == olora  # round trip (the workers' copy)
