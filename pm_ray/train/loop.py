@@ -3,8 +3,7 @@
 For each task t not yet committed in state.json, every worker
   a. sets the adapted weights to W0 + start_t (the merged model θ̂_{t-1}, or the previous expert),
   b. attaches a fresh LoRA_t and trains it with the task-vector perturbation (one forward and one
-     backward per step; the perturbation only rescales the LoRA_t branch), plus O-LoRA's
-     orthogonality to the earlier tasks' A's when enabled (train/orthogonal_state.py),
+     backward per step; it only rescales the LoRA_t branch) and O-LoRA's term if enabled,
   c. computes its shard of the diagonal empirical Fisher at the expert θ*_t,
   d. sends the Fisher shard (all ranks) and the task vector Δ_t (rank 0) to the merge actors,
   e. loads the merged state back and folds it into the base weights,
