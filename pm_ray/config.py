@@ -24,6 +24,7 @@ from pm_ray.config_sections import (  # noqa: F401
     LoraSection,
     MergeSection,
     ModelSection,
+    OrthogonalSection,
     PerturbationSection,
     RaySection,
     Section,
@@ -45,6 +46,7 @@ class RunConfig(Section):
     tasks: TasksSection = TasksSection()
     perturbation: PerturbationSection = PerturbationSection()
     merge: MergeSection = MergeSection()
+    orthogonal: OrthogonalSection = OrthogonalSection()
     fisher: FisherSection = FisherSection()
     trainer: TrainerSection = TrainerSection()
     eval: EvalSection = EvalSection()
@@ -80,6 +82,31 @@ class RunConfig(Section):
                 },
             )
         return self
+
+    @model_validator(mode="after")
+    def _olora_is_orthogonal(self) -> RunConfig:
+        from pm_ray.core.strategies import strategy_class
+
+        if self.orthogonal.enabled is False and strategy_class(self.merge.strategy).trains_orthogonal:
+            raise PydanticCustomError(
+                "orthogonal",
+                "{text}",
+                {
+                    "text": f"orthogonal.enabled=false contradicts merge.strategy={self.merge.strategy!r} "
+                    "(O-LoRA: sequential merging with the orthogonality term); use merge.strategy=sequential "
+                    "for plain sequential LoRA"
+                },
+            )
+        return self
+
+    def orthogonal_training(self) -> bool:
+        """Whether tasks train with O-LoRA's term: orthogonal.enabled if given, else whether the strategy
+        implies it (olora)."""
+        from pm_ray.core.strategies import strategy_class
+
+        if self.orthogonal.enabled is not None:
+            return self.orthogonal.enabled
+        return strategy_class(self.merge.strategy).trains_orthogonal
 
     def run_name(self, default_stem: str = "run") -> str:
         return self.storage.run_name or f"{self.merge.strategy}-{default_stem}"

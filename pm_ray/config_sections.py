@@ -128,6 +128,17 @@ class MergeSection(Section):
         return self
 
 
+class OrthogonalSection(Section):
+    """O-LoRA (arXiv 2310.14152; pm_ray/core/orthogonal.py): task t's loss adds
+    lam · Σ_{i<t} Σ_m ‖A_i[m] A_t[m]ᵀ‖²_F + l2 · Σ_m (‖A_t[m]‖²_F + ‖B_t[m]‖²_F). A training-time
+    term, so it combines with any merge strategy; merge.strategy=olora turns it on with sequential
+    merging."""
+
+    enabled: bool | None = None  # None: on for a strategy that implies it (olora), off for the others
+    lam: float = Field(0.5, ge=0, allow_inf_nan=False)  # λ₁ (0.5 in the paper)
+    l2: float = Field(0.0, ge=0, allow_inf_nan=False)  # λ₂ (small in the paper)
+
+
 class FisherSection(Section):
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)

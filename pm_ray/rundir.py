@@ -7,7 +7,8 @@
       merged/            delta.safetensors (θ̂ − W0 on the adapted modules) + stack.json for merges
                          that are Σ α_i Δ_i of the saved task adapters
       stats/             the merge strategy's state per shard, for the last completed task only
-      tasks/<i>-<name>/  expert adapter (PEFT format), per-task metrics
+      tasks/<i>-<name>/  expert adapter (PEFT format), per-task metrics; lora_A.safetensors (the
+                         task's LoRA A matrices) when it trained with O-LoRA's orthogonality term
       export/            dense Hugging Face model, on demand
 
 state.json is the commit point: a task counts as done only once state.json says so, and files it

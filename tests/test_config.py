@@ -93,3 +93,35 @@ def test_strategy_options_checked_at_load(overrides, needle) -> None:
 def test_override_through_a_value_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"override 'merge.options.lam.deep': 'lam' is a value, not a section"):
         load_config(None, ["merge.strategy=magmax", "merge.options={lam: 0.5}", "merge.options.lam.deep=2"])
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["orthogonal.lam=-0.5"], "orthogonal.lam: Input should be greater than or equal to 0 (got -0.5)"),
+        (["orthogonal.l2=-1"], "orthogonal.l2: Input should be greater than or equal to 0 (got -1)"),
+        (["orthogonal.lam=.inf"], "orthogonal.lam: Input should be a finite number"),
+        (["orthogonal.enabled=maybe"], "orthogonal.enabled: Input should be a valid boolean"),
+        (["orthogonal.lamda=1"], "unknown config key 'orthogonal.lamda'; did you mean 'orthogonal.lam'?"),
+        (
+            ["merge.strategy=olora", "orthogonal.enabled=false"],
+            "orthogonal.enabled=false contradicts merge.strategy='olora'",
+        ),
+    ],
+)
+def test_orthogonal_section_errors_name_the_field(overrides, needle) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_orthogonal_training_is_a_strategy_or_the_option() -> None:
+    assert not load_config(None).orthogonal_training()
+    assert not load_config(None, ["orthogonal.enabled=false"]).orthogonal_training()
+    olora = load_config(None, ["merge.strategy=olora"])
+    assert olora.orthogonal_training() and olora.orthogonal.lam == 0.5 and olora.orthogonal.l2 == 0.0
+    assert load_config(None, ["merge.strategy=olora", "orthogonal.enabled=true"]).orthogonal_training()
+    combined = load_config(None, ["merge.strategy=pm", "orthogonal.enabled=true", "orthogonal.lam=2"])
+    assert combined.orthogonal_training() and combined.orthogonal.lam == 2.0
+    assert not load_config(None, ["merge.strategy=pm", "orthogonal.lam=2"]).orthogonal_training()
+    assert config_from_dict(olora.model_dump(mode="json")) == olora  # round trip (the workers' copy)

@@ -3,7 +3,7 @@
 For each task t not yet committed in state.json, every worker
   a. sets the adapted weights to W0 + start_t (the merged model θ̂_{t-1}, or the previous expert),
   b. attaches a fresh LoRA_t and trains it with the task-vector perturbation (one forward and one
-     backward per step; the perturbation only rescales the LoRA_t branch),
+     backward per step; it only rescales the LoRA_t branch) and O-LoRA's term if enabled,
   c. computes its shard of the diagonal empirical Fisher at the expert θ*_t,
   d. sends the Fisher shard (all ranks) and the task vector Δ_t (rank 0) to the merge actors,
   e. loads the merged state back and folds it into the base weights,
@@ -35,6 +35,7 @@ from pm_ray.tracking import task_tracker
 from pm_ray.train import checkpoints
 from pm_ray.train.engine import all_reduce_sum, barrier, build_engine, world
 from pm_ray.train.merge_step import merge_task
+from pm_ray.train.orthogonal_state import OrthogonalState
 
 
 class NonFiniteLoss(RuntimeError):
@@ -97,6 +98,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     strategy = build_strategy(cfg.merge.strategy, **cfg.merge.options)  # what it is: flags and worker step
     record_at = set(strategy.record_steps(cfg.trainer.steps_per_task))
     w0: dict[str, torch.Tensor] = {}
+    orth = OrthogonalState.for_run(cfg, run, tasks, state.completed, device)  # O-LoRA: the old tasks' A's
 
     for t, task in enumerate(tasks, start=1):
         if t <= state.completed:
@@ -108,6 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # a. + b. θ_start, then a fresh LoRA_t on top of it
         model = new_adapter(model, cfg, t, adapter)
         adapter = f"task{t}"
+        orth.begin_task(t, model, adapter)
         if not w0:
             w0 = {key: base_weight(model, key).detach().clone() for key in lora_layers(model, adapter)}
             if state.completed:
@@ -133,7 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batch = {k: v.to(device) for k, v in next(batches).items()}
             with perturbation.apply(model, rank=rank, step=step, adapter_name=adapter):
                 loss = engine.forward_loss(batch)
-                engine.backward(loss)
+                engine.backward(loss + orth.penalty())  # O-LoRA's terms (0.0 when off)
             grad_norm = engine.step()
             if step == 0:  # how responsive the merged start point is to the new task's gradients
                 diag["start_grad_norm"] = grad_norm
@@ -154,6 +157,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
         diag["train_s"] = time.time() - t_start
         engine.close()
+        diag.update(orth.end_task(run.task_dir(t, task.name), write=rank == 0))
 
         # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now)
         for p in trainable:

@@ -40,6 +40,7 @@ def test_registry() -> None:
         "fisher_elementwise",
         "fixed",
         "magmax",
+        "olora",
         "pm",
         "sequential",
         "ties",
@@ -53,7 +54,12 @@ def test_registry() -> None:
 
 @pytest.mark.parametrize(
     "name,alpha_of_t",
-    [("sequential", lambda t: 1.0), ("average", lambda t: 1.0 / t), ("fixed", lambda t: 1.0 if t == 1 else 0.3)],
+    [
+        ("sequential", lambda t: 1.0),
+        ("olora", lambda t: 1.0),
+        ("average", lambda t: 1.0 / t),
+        ("fixed", lambda t: 1.0 if t == 1 else 0.3),
+    ],
 )
 def test_line_merges(name, alpha_of_t) -> None:
     deltas, fishers = stream()
@@ -230,8 +236,10 @@ def test_strategies_say_what_they_are() -> None:
         name: (cls.train_from, cls.needs_fisher, cls.solves_line_alpha, cls.keeps_adapter_stack, cls.has_worker_step)
         for name, cls in STRATEGIES.items()
     }
+    assert [name for name, cls in STRATEGIES.items() if cls.trains_orthogonal] == ["olora"]
     assert flags == {
         "sequential": ("merged", False, False, True, False),
+        "olora": ("merged", False, False, True, False),
         "average": ("merged", False, False, True, False),
         "fixed": ("merged", False, False, True, False),
         "pm": ("merged", True, True, True, False),

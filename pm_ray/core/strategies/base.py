@@ -78,6 +78,9 @@ class MergeStrategy(ABC):
                         (α_i, adapter_i) pairs (merged/stack.json)
     has_worker_step     the training workers run :meth:`worker_step` after task t trained and
                         hand its extras to the merge (TRM's coefficient optimisation)
+    trains_orthogonal   the tasks train with O-LoRA's orthogonality term whatever the config's
+                        ``orthogonal.enabled`` says (the ``olora`` strategy); any other strategy
+                        trains with it when ``orthogonal.enabled`` is true
     """
 
     name: ClassVar[str]
@@ -87,6 +90,7 @@ class MergeStrategy(ABC):
     solves_line_alpha: ClassVar[bool] = False
     keeps_adapter_stack: ClassVar[bool] = False
     has_worker_step: ClassVar[bool] = False
+    trains_orthogonal: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options = validate_options(self.name, self.Options, options)

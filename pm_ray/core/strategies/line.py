@@ -1,6 +1,8 @@
 """Merges along the task vector: θ̂_t = θ̂_{t-1} + α_t Δ_t, differing only in how α_t is chosen.
 
 sequential   α_t = 1                   (plain sequential LoRA fine-tuning; the lower bound)
+olora        α_t = 1, and every task trains with O-LoRA's orthogonality term (the `orthogonal`
+             config section; pm_ray/core/orthogonal.py)
 average      α_t = 1/t                 (running average of the experts θ*_1..θ*_t)
 fixed        α_t = c                   (a constant)
 pm           α_t = clip(num/den, 0, 1) (P&M's closed form; see coefficient.py), global or
@@ -44,6 +46,14 @@ class Sequential(LineMerge):
 
     def coefficient(self, update: TaskUpdate) -> Alpha:
         return 1.0
+
+
+class OLoRA(Sequential):
+    """O-LoRA (arXiv 2310.14152): sequential merging; the orthogonality of each new LoRA's A to the
+    earlier tasks' is a training-time term (the worker loop's, weighted by ``orthogonal.lam``)."""
+
+    name = "olora"
+    trains_orthogonal = True
 
 
 class Average(LineMerge):

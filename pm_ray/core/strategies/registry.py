@@ -12,7 +12,7 @@ from typing import Any
 from pm_ray.core.strategies.base import MergeStrategy
 from pm_ray.core.strategies.dare import Dare
 from pm_ray.core.strategies.elementwise import FisherElementwise
-from pm_ray.core.strategies.line import Average, Fixed, PerturbAndMerge, Sequential
+from pm_ray.core.strategies.line import Average, Fixed, OLoRA, PerturbAndMerge, Sequential
 from pm_ray.core.strategies.magmax import MagMax
 from pm_ray.core.strategies.options import StrategyOptions, validate_options
 from pm_ray.core.strategies.ties import Ties
@@ -20,6 +20,7 @@ from pm_ray.core.strategies.trm import TrajectoryRegularisedMerge
 
 STRATEGIES: dict[str, type[MergeStrategy]] = {
     "sequential": Sequential,
+    "olora": OLoRA,
     "average": Average,
     "fixed": Fixed,
     "pm": PerturbAndMerge,
