@@ -4,7 +4,8 @@
 `cached` is `choice_scores` (the default in evaluation: the prompt runs once per row, the choices
 continue from its cached keys/values). Both run in the same process on the same rows, alternating
 (pairwise, cached, pairwise, cached, ...) so that load from other processes hits both alike. Prints
-JSON: median seconds per pass of each, rows/s, the speed-up (pairwise / cached), the largest score
+JSON: median wall seconds per pass of each, rows/s, the speed-up (pairwise / cached), the same
+for process CPU time (less disturbed by other load on a shared machine), the largest score
 difference and whether the predictions agree.
 
     .venv/bin/python benchmarks/mc_scoring.py                      # tiny:llama
@@ -77,17 +78,20 @@ def main() -> None:
     kw = {"batch_size": args.batch_size, "max_length": 1024}
     methods = {"pairwise": pairwise_choice_scores, "cached": choice_scores}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     scores: dict[str, list[list[float]]] = {}
     load_before = os.getloadavg()
     for m, fn in methods.items():  # warm-up, untimed
         scores[m] = fn(model, tok, rows[: args.batch_size], **kw)
     for _ in range(args.repeats):
         for m, fn in methods.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             scores[m] = fn(model, tok, rows, **kw)
             times[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
     load_after = os.getloadavg()
     med = {m: statistics.median(t) for m, t in times.items()}
+    med_cpu = {m: statistics.median(t) for m, t in cpu.items()}
     diff = max(abs(a - b) for ra, rb in zip(scores["pairwise"], scores["cached"]) for a, b in zip(ra, rb))
     agree = sum(best(a) == best(b) for a, b in zip(scores["pairwise"], scores["cached"]))
     print(
@@ -111,7 +115,11 @@ def main() -> None:
                 "pairwise_rows_per_s": args.rows / med["pairwise"],
                 "cached_rows_per_s": args.rows / med["cached"],
                 "speedup": med["pairwise"] / med["cached"],
+                "pairwise_cpu_s": med_cpu["pairwise"],
+                "cached_cpu_s": med_cpu["cached"],
+                "speedup_cpu_time": med_cpu["pairwise"] / med_cpu["cached"],
                 "all_times_s": times,
+                "all_cpu_s": cpu,
                 "max_abs_score_diff": diff,
                 "predictions_agree": f"{agree}/{len(rows)}",
                 "machine": {
