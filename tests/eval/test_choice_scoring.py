@@ -115,10 +115,10 @@ def test_cached_scorer_runs_two_forwards_per_batch_of_rows(lora_model):
 
 
 def test_batched_generation_decodes_from_a_kv_cache():
-    """`generate_answers` (HF generate, use_cache left at its default True): after the prompt,
-    each step feeds one new token per row and the model gets the cache."""
+    """`generate_answers` (HF generate with use_cache=True): after the prompt, each step feeds one
+    new token per row and the model gets the cache, even when the model's configs say otherwise."""
     model, tok = lora_tiny()
-    assert model.generation_config.use_cache and model.config.use_cache
+    model.generation_config.use_cache = model.config.use_cache = False  # as saved after training
     rows = [{"instruction": "Repeat " + "w " * i, "output": "x"} for i in range(5)]
     calls, handle = count_forwards(model.get_base_model())
     try:
