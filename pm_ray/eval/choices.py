@@ -12,7 +12,8 @@ prompt's end for each choice). Tokens processed per row drop from n_choices * (p
 prompt + n_choices * choice, with no copy of the cache. `pairwise_choice_scores` is the plain form
 (one right-padded forward per (row, choice) pair): the reference the cached form is tested and
 benchmarked against (benchmarks/mc_scoring.py), and the path for rows whose prompt + longest
-choice exceed max_length (fit_pair cuts those prompts per choice).
+choice exceed max_length (fit_pair cuts those prompts per choice) and for attention kernels that
+take no custom 4D mask (flash attention).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def choice_scores(
     scores: list[list[float]] = [[] for _ in rows]
     cached: list[tuple[int, list[int], list[list[int]]]] = []
     fallback: list[int] = []
+    packed = packed_mask_supported(model)
     for i, row in enumerate(rows):
         prompt = list(tokenizer(format_prompt(tokenizer, row), add_special_tokens=False)["input_ids"])
         targets = [answer_ids(tokenizer, choice) for choice in row["choices"]]
-        if len(prompt) + max(len(t) for t in targets) <= max_length:
+        if packed and len(prompt) + max(len(t) for t in targets) <= max_length:
             cached.append((i, prompt, targets))
         else:  # fit_pair would cut this prompt per choice: score those pairs one by one
             fallback.append(i)
@@ -67,6 +69,12 @@ def choice_scores(
         ):
             scores[i] = s
     return scores
+
+
+def packed_mask_supported(model: nn.Module) -> bool:
+    """Whether the model's attention reads a custom 4D mask as given (sdpa, eager); flash-attention
+    kernels take padding from a 2D mask only, so such models are scored pair by pair."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
 def _cached_batch_scores(

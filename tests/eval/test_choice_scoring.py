@@ -10,7 +10,12 @@ import torch
 
 from pm_ray.data.prompts import format_prompt
 from pm_ray.data.tokenize import answer_ids
-from pm_ray.eval.choices import choice_scores, count_choice_correct, pairwise_choice_scores
+from pm_ray.eval.choices import (
+    choice_scores,
+    count_choice_correct,
+    packed_mask_supported,
+    pairwise_choice_scores,
+)
 from pm_ray.eval.generation import generate_answers
 from pm_ray.models.backbone import load_backbone
 from pm_ray.models.lora import attach_lora
@@ -89,6 +94,17 @@ def test_ties_go_to_the_first_choice(lora_model):
     (scores,) = choice_scores(model, tok, rows, batch_size=2, max_length=1024)
     assert scores[0] == scores[1]
     assert count_choice_correct([scores], rows) == (scores[0] >= scores[2])
+
+
+def test_packed_scoring_only_for_attention_that_reads_a_4d_mask(lora_model):
+    model, _ = lora_model
+    assert packed_mask_supported(model)  # sdpa, through the PEFT wrapper
+    for attn, ok in [("eager", True), ("flash_attention_2", False), ("flex_attention", False)]:
+        model.config._attn_implementation = attn
+        try:
+            assert packed_mask_supported(model) is ok
+        finally:
+            model.config._attn_implementation = "sdpa"
 
 
 def count_forwards(model):
