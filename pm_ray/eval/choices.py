@@ -3,17 +3,21 @@
 Score of a choice = mean log-probability of its answer tokens (the choice text followed by eos,
 exactly what training puts the loss on) given the prompt.
 
-`choice_scores` runs each row's prompt once (left-padded batch, KV cache kept) and scores all of
-its choices from that cache: the prompt's last logits give the first choice token, one forward of
-the choice tokens over a copy of the cache gives the rest. The tokens processed per row drop from
-n_choices * (prompt + choice) to prompt + n_choices * choice. `pairwise_choice_scores` is the
-plain form (one right-padded forward per (row, choice) pair), used for rows whose prompt would be
-truncated differently per choice and as the reference the cached form is tested against.
+`choice_scores` (the evaluation's scorer) runs each row's prompt once (left-padded batch of rows
+sorted by prompt length, KV cache kept) and scores all of its choices from that cache: the
+prompt's last logits give each choice's first token, and one more forward per batch gives the
+rest, with every row's choices packed in one sequence after its prompt (a 4D mask lets a choice
+token see the prompt and the earlier tokens of its own choice only; positions restart at the
+prompt's end for each choice). Tokens processed per row drop from n_choices * (prompt + choice) to
+prompt + n_choices * choice, with no copy of the cache. `pairwise_choice_scores` is the plain form
+(one right-padded forward per (row, choice) pair): the reference the cached form is tested and
+benchmarked against (benchmarks/mc_scoring.py), and the path for rows whose prompt + longest
+choice exceed max_length (fit_pair cuts those prompts per choice) and for attention kernels that
+take no custom 4D mask (flash attention).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -44,15 +48,17 @@ def choice_scores(
     scores: list[list[float]] = [[] for _ in rows]
     cached: list[tuple[int, list[int], list[list[int]]]] = []
     fallback: list[int] = []
+    packed = packed_mask_supported(model)
     for i, row in enumerate(rows):
         prompt = list(tokenizer(format_prompt(tokenizer, row), add_special_tokens=False)["input_ids"])
         targets = [answer_ids(tokenizer, choice) for choice in row["choices"]]
-        if len(prompt) + max(len(t) for t in targets) <= max_length:
+        if packed and len(prompt) + max(len(t) for t in targets) <= max_length:
             cached.append((i, prompt, targets))
         else:  # fit_pair would cut this prompt per choice: score those pairs one by one
             fallback.append(i)
+    cached.sort(key=lambda item: len(item[1]))  # similar prompt lengths per batch: less left padding
     for batch in chunks(cached, batch_size):
-        for (i, _, _), row_scores in zip(batch, _cached_batch_scores(model, tokenizer, batch, batch_size)):
+        for (i, _, _), row_scores in zip(batch, _cached_batch_scores(model, tokenizer, batch)):
             scores[i] = row_scores
     if fallback:
         for i, s in zip(
@@ -65,60 +71,75 @@ def choice_scores(
     return scores
 
 
+def packed_mask_supported(model: nn.Module) -> bool:
+    """Whether the model's attention reads a custom 4D mask as given (sdpa, eager); flash-attention
+    kernels take padding from a 2D mask only, so such models are scored pair by pair."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
 def _cached_batch_scores(
-    model: nn.Module, tokenizer: Any, batch: list[tuple[int, list[int], list[list[int]]]], pair_batch_size: int
+    model: nn.Module, tokenizer: Any, batch: list[tuple[int, list[int], list[list[int]]]]
 ) -> list[list[float]]:
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
     width = max(len(p) for _, p, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    prompt_mask = torch.zeros((len(batch), width), dtype=torch.bool)
     for b, (_, p, _) in enumerate(batch):
         input_ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[b, width - len(p) :] = 1
-    prompt_mask = prompt_mask.to(device)
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_mask[b, width - len(p) :] = True
+    lengths = prompt_mask.sum(-1)
     out = model(
         input_ids=input_ids.to(device),
-        attention_mask=prompt_mask,
-        position_ids=positions,
+        attention_mask=prompt_mask.long().to(device),
+        position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0).to(device),
         use_cache=True,
         logits_to_keep=1,
-    )  # only the last position: it predicts the first choice token
-    first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # predicts each choice's first token
-    lengths = prompt_mask.sum(-1)
-    pairs = [(b, t) for b, (_, _, targets) in enumerate(batch) for t in targets]
-    flat: list[float] = []
-    for chunk in chunks(pairs, pair_batch_size):
-        index = torch.tensor([b for b, _ in chunk], device=device)
-        cache = copy.deepcopy(out.past_key_values)
-        cache.batch_select_indices(index)
-        longest = max(len(t) for _, t in chunk)
-        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-        for k, (_, t) in enumerate(chunk):
-            ids[k, : len(t)] = torch.tensor(t, dtype=torch.long)
-            mask[k, : len(t)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = lengths[index].unsqueeze(1) + torch.arange(longest, device=device).unsqueeze(0)
-        logits = model(
-            input_ids=ids,
-            attention_mask=torch.cat([prompt_mask[index], mask], dim=1),
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits
-        token_lp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-        for k, (b, t) in enumerate(chunk):
+    )  # only the last position: it predicts the first token of every choice
+    first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+    # All choices of a row packed in one sequence after the cached prompt: a choice's token sees
+    # the prompt and the earlier tokens of its own choice only; positions restart at the prompt end.
+    seq = max(sum(len(t) for t in targets) for _, _, targets in batch)
+    ids = torch.full((len(batch), seq), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(batch), seq), dtype=torch.long)
+    segment = torch.full((len(batch), seq), -1, dtype=torch.long)  # choice index, -1 = padding
+    starts: list[list[int]] = []
+    for b, (_, _, targets) in enumerate(batch):
+        offset, row_starts = 0, []
+        for c, t in enumerate(targets):
+            ids[b, offset : offset + len(t)] = torch.tensor(t, dtype=torch.long)
+            pos[b, offset : offset + len(t)] = lengths[b] + torch.arange(len(t))
+            segment[b, offset : offset + len(t)] = c
+            row_starts.append(offset)
+            offset += len(t)
+        starts.append(row_starts)
+    order = torch.arange(seq)
+    own = (segment[:, :, None] == segment[:, None, :]) & (order[None, :, None] >= order[None, None, :])
+    own |= torch.eye(seq, dtype=torch.bool)[None]  # padding queries see themselves (no empty row)
+    allowed = torch.cat([prompt_mask[:, None, :].expand(-1, seq, -1), own], dim=-1)[:, None]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),  # 4D additive mask: used as given (sdpa and eager)
+        position_ids=pos.to(device),
+        past_key_values=out.past_key_values,
+        use_cache=True,
+    ).logits
+    scores: list[list[float]] = []
+    for b, (_, _, targets) in enumerate(batch):
+        token_lp = torch.log_softmax(logits[b].float(), dim=-1)
+        row: list[float] = []
+        for s, t in zip(starts[b], targets):
+            if not t:
+                row.append(0.0)  # as the pairwise path: no answer tokens scores 0
+                continue
             total = float(first_lp[b, t[0]].double())
             if len(t) > 1:
                 target = torch.tensor(t[1:], device=device)
-                total += float(token_lp[k, : len(t) - 1].gather(-1, target.unsqueeze(-1)).double().sum())
-            flat.append(total / len(t))
-    scores: list[list[float]] = []
-    it = iter(flat)
-    for _, _, targets in batch:
-        scores.append([next(it) for _ in targets])
+                total += float(token_lp[s : s + len(t) - 1].gather(-1, target.unsqueeze(-1)).double().sum())
+            row.append(total / len(t))
+        scores.append(row)
     return scores
 
 

@@ -38,6 +38,10 @@ def generate_answers(
             num_beams=1,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
+            # Decode from the KV cache: each step feeds one token per row. HF's default already, but
+            # a model or config saved with use_cache=False (as training scripts often set) would
+            # otherwise rerun the whole prefix at every step (tests/eval/test_choice_scoring.py).
+            use_cache=True,
         )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
