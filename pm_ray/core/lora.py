@@ -19,13 +19,15 @@ removed: ``"base_model.model.model.layers.0.self_attn.k_proj"`` -> ``"model.laye
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftMixedModel, PeftModel
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTuner
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 _PEFT_PREFIX = "base_model.model."
 _BASE_LAYER_SEGMENT = ".base_layer"
@@ -47,6 +49,21 @@ def normalize_module_name(name: str) -> str:
     return name
 
 
+@functools.cache
+def _peft() -> dict[str, Any]:
+    """PEFT's classes, imported on first use: a merge actor imports this module for its names and
+    never touches a model, and importing peft (and transformers under it) costs it ~2.5 s a start."""
+    from peft import PeftMixedModel, PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTuner
+
+    return {"wrappers": (PeftModel, PeftMixedModel), "tuner": BaseTuner, "layer": LoraLayer}
+
+
+def is_lora_layer(module: torch.nn.Module) -> bool:
+    return isinstance(module, _peft()["layer"])
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model under DDP / DeepSpeed / PEFT wrappers, whose module names are the keys."""
     seen = 0
@@ -56,10 +73,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
             continue
         # PeftModel.base_model is the LoraModel (a BaseTuner); LoraModel.model is the HF model.
-        if isinstance(model, (PeftModel, PeftMixedModel)):
+        if isinstance(model, _peft()["wrappers"]):
             model = model.base_model
             continue
-        if isinstance(model, BaseTuner):
+        if isinstance(model, _peft()["tuner"]):
             model = model.model
             continue
         break
@@ -74,7 +91,7 @@ def lora_layers(model: torch.nn.Module, adapter_name: str = "default") -> dict[s
     """
     layers: dict[str, LoraLayer] = {}
     for name, module in _unwrap(model).named_modules():
-        if not isinstance(module, LoraLayer):
+        if not is_lora_layer(module):
             continue
         carries = adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {})
         if not carries:
@@ -153,7 +170,7 @@ def base_weight(model: torch.nn.Module, key: str) -> torch.nn.Parameter:
         module = root.get_submodule(normalize_module_name(key))
     except AttributeError as err:
         raise ValueError(f"module {key!r} does not exist in {type(root).__name__}") from err
-    if isinstance(module, LoraLayer):
+    if is_lora_layer(module):
         module = module.get_base_layer()
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.nn.Parameter):

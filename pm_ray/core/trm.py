@@ -36,10 +36,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch.func import functional_call
 
-from pm_ray.core.lora import LoraFactors, base_weight
+from pm_ray.core.lora import LoraFactors, base_weight, is_lora_layer
 from pm_ray.core.tensors import TensorDict, check_same_layout
 from pm_ray.core.trm_objectives import (
     gradient_responsiveness,
@@ -195,7 +194,7 @@ def merged_logits(
 
 def _check_no_active_lora(model: torch.nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, LoraLayer) and (module.merged or not module.disable_adapters):
+        if is_lora_layer(module) and (module.merged or not module.disable_adapters):
             raise ValueError(
                 "optimize_coefficients: the model has an active or merged LoRA adapter; pass the backbone "
                 "inside `with peft_model.disable_adapter():` (unmerged) or a plain model"
