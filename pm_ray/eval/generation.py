@@ -38,6 +38,9 @@ def generate_answers(
             num_beams=1,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
+            # transformers turns this on under ZeRO-3 with its own per-step all-reduce; the worker
+            # loop keeps ranks in step itself, for every forward (pm_ray/train/zero3.py Lockstep)
+            synced_gpus=False,
         )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
