@@ -68,11 +68,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = RunConfig.model_validate(loop_config["config"])
     run = RunDir(loop_config["run_dir"])
     rank, world_size = world()
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if cfg.trainer.use_gpu and torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    on_gpu = cfg.trainer.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     state = run.read_state()
     tasks = run.load_tasks(state)
     client = MergeClient(state.run_name, cfg.merge.shards, cfg.merge.strategy, cfg.merge.options)
@@ -83,13 +80,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     bf16 = cfg.model.dtype == "bfloat16"
     weights = zero3.Weights(cfg.trainer.engine == "deepspeed" and cfg.trainer.zero_stage == 3, rank, world_size)
-    model, tokenizer = weights.load(
-        cfg.model.name_or_path,
-        tasks[0].kind,
-        DTYPES[cfg.model.dtype],
-        device,
-        deepspeed_config(cfg.trainer, world_size, bf16),
-    )
+    ds_config = deepspeed_config(cfg.trainer, world_size, bf16) if weights.enabled else {}
+    model, tokenizer = weights.load(cfg.model.name_or_path, tasks[0].kind, DTYPES[cfg.model.dtype], device, ds_config)
     perturbation = Perturbation(
         cfg.perturbation.mode, cfg.perturbation.epsilon, tuple(cfg.perturbation.probs), cfg.trainer.seed
     )
@@ -157,13 +149,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
         diag["train_s"] = time.time() - t_start
         diag.update(weights.diagnostics(model))  # ZeRO-3: this rank's resident base-weight bytes
-        if not weights.enabled:  # ZeRO-3: its hooks gather the weights until the task's evaluation is over
+        if not weights.enabled:  # ZeRO-3: its hooks gather the weights, until after the evaluation
             engine.close()
         diag.update(orth.end_task(run.task_dir(t, task.name), write=rank == 0))
 
         # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now)
         for p in trainable:
             p.requires_grad_(False)
+        loss_kind = "causal_lm" if task.kind == "instruction" else "classification"
         fisher = diagonal_fisher(
             model,
             (
@@ -184,17 +177,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     ),
                 )
             ),
-            kind="causal_lm" if task.kind == "instruction" else "classification",
+            kind=loss_kind,
             adapter_name=adapter,
         )
-        weights.pad_fisher(
-            model,
-            tokenizer,
-            rows=min(cfg.fisher.num_samples, task.train.num_rows),
-            batch_size=cfg.fisher.batch_size,
-            kind="causal_lm" if task.kind == "instruction" else "classification",
-            adapter=adapter,
-        )
+        weights.pad_fisher(model, tokenizer, cfg.fisher, task.train.num_rows, loss_kind, adapter)  # ZeRO-3
 
         # d. Fisher shards from every rank, then the merge on rank 0
         progress.phase("merge")

@@ -200,12 +200,13 @@ class Weights:
         return gathered_lora(model, adapter) if self.enabled else contextlib.nullcontext()
 
     def pad_fisher(
-        self, model: torch.nn.Module, tokenizer: Any, *, rows: int, batch_size: int, kind: str, adapter: str
+        self, model: torch.nn.Module, tokenizer: Any, fisher: Any, train_rows: int, kind: str, adapter: str
     ) -> None:
         """Dummy Fisher passes (results dropped) so that this rank runs as many as rank 0, which
-        holds the largest round-robin share of the ``rows`` Fisher rows."""
+        holds the largest round-robin share of the Fisher rows (``fisher``: the FisherSection)."""
         if not self.enabled:
             return
+        rows, batch_size = min(fisher.num_samples, train_rows), fisher.batch_size
         batches = [math.ceil(len(shard_indices(rows, r, self.world_size)) / batch_size) for r in range(self.world_size)]
         device = next(model.parameters()).device
         ids = torch.full((1, 2), pad_token_id(tokenizer), dtype=torch.long, device=device)
