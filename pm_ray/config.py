@@ -84,6 +84,31 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _zero3_combinations(self) -> RunConfig:
+        """What ZeRO-3 does not support yet: every other combination reads or writes parameters
+        only through pm_ray/train/zero3.py."""
+        from pm_ray.core.strategies import strategy_class
+
+        if self.trainer.zero_stage != 3 or self.trainer.engine != "deepspeed":
+            return self
+        strategy = strategy_class(self.merge.strategy)
+        problems = [
+            (strategy.has_worker_step, f"merge.strategy={self.merge.strategy!r} (its worker step edits the weights)"),
+            (
+                self.orthogonal.enabled or strategy.trains_orthogonal,
+                "O-LoRA (orthogonal.enabled / merge.strategy=olora: its term reads LoRA factors outside a forward)",
+            ),
+            (self.perturbation.mode == "gaussian", "perturbation.mode=gaussian (it edits LoRA B outside a forward)"),
+            (self.model.name_or_path.startswith("tiny:bert"), "model.name_or_path=tiny:bert (a classifier)"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise PydanticCustomError(
+                    "zero3", "{text}", {"text": f"trainer.zero_stage=3 does not support {what}; use zero_stage<=2"}
+                )
+        return self
+
+    @model_validator(mode="after")
     def _olora_is_orthogonal(self) -> RunConfig:
         from pm_ray.core.strategies import strategy_class
 

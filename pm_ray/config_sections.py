@@ -147,8 +147,8 @@ class FisherSection(Section):
 class TrainerSection(Section):
     num_workers: int = Field(2, ge=1)
     engine: Literal["deepspeed", "ddp", "single"] = "deepspeed"
-    # ZeRO-3 would partition the frozen base weights that the merge folds into on every rank;
-    # LoRA's optimizer state is tiny, so stage 2 already removes the redundancy that matters.
+    # 0-2 partition optimizer state / gradients (LoRA's are tiny); 3 also partitions the frozen
+    # base weights, for backbones that do not fit one device (pm_ray/train/zero3.py, docs/scale.md).
     zero_stage: int = Field(2, ge=0)
     deepspeed_config: dict[str, Any] | str | None = None  # inline dict or a JSON file path
     use_gpu: bool = False
@@ -165,12 +165,18 @@ class TrainerSection(Section):
     @field_validator("zero_stage")
     @classmethod
     def _zero_stage(cls, value: int) -> int:
-        if value > 2:
-            raise ValueError(
-                f"ZeRO stage {value} is not supported (stages 0, 1, 2): stage 3 partitions the frozen "
-                "base weights that pm-ray folds the merged delta into"
-            )
+        if value > 3:
+            raise ValueError(f"ZeRO stage {value} does not exist: expected 0, 1, 2 or 3")
         return value
+
+    @model_validator(mode="after")
+    def _zero3_needs_deepspeed(self) -> TrainerSection:
+        if self.zero_stage == 3 and self.engine != "deepspeed":
+            raise ValueError(
+                f"trainer.zero_stage=3 partitions parameters with DeepSpeed: it needs trainer.engine=deepspeed, "
+                f"not {self.engine!r}"
+            )
+        return self
 
 
 class EvalSection(Section):

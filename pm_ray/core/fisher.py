@@ -107,6 +107,10 @@ def _squared_per_example_grads(calls: Sequence[tuple[torch.Tensor, torch.Tensor]
     return total
 
 
+def _full_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(weight, "ds_shape", weight.shape))
+
+
 def diagonal_fisher(
     model: torch.nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -128,7 +132,8 @@ def diagonal_fisher(
     if max_examples is not None and bad_max:
         raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
     layers = lora_layers(model, adapter_name)
-    sums = {key: torch.zeros(base_weight(model, key).shape, dtype=torch.float32) for key in layers}
+    # ds_shape: under DeepSpeed ZeRO-3 a weight's own shape is that of its (empty) local stub
+    sums = {key: torch.zeros(_full_shape(base_weight(model, key)), dtype=torch.float32) for key in layers}
     transposed = {key: bool(getattr(layer, "fan_in_fan_out", False)) for key, layer in layers.items()}
     device = next(model.parameters()).device
     captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {key: [] for key in layers}

@@ -42,6 +42,9 @@ def generate_answers(
             # a model or config saved with use_cache=False (as training scripts often set) would
             # otherwise rerun the whole prefix at every step (tests/eval/test_choice_scoring.py).
             use_cache=True,
+            # transformers turns this on under ZeRO-3 with its own per-step all-reduce; the worker
+            # loop keeps ranks in step itself, for every forward (pm_ray/train/zero3.py Lockstep)
+            synced_gpus=False,
         )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

@@ -149,18 +149,46 @@ def tiny_bert_config(vocab_size: int, tokenizer: Any, num_labels: int = 2) -> Be
     )
 
 
-def _load_tiny(name: str, kind: str, num_labels: int | None, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _partitioned_copy(build: Callable[[], nn.Module], skeleton: Callable[[], nn.Module]) -> nn.Module:
+    """``skeleton()`` built with ZeRO-3 partitioned parameters (transformers' ``_from_config`` under
+    a live ``HfDeepSpeedConfig``), then filled module by module with the seeded weights of
+    ``build()``: a tiny model's seeded weights play the part of a checkpoint file, loaded into the
+    partitions one module at a time as ``from_pretrained`` does for real ones."""
+    import deepspeed
+
+    reference = dict(_seeded(build, TINY_SEED).named_parameters())
+    model = skeleton()
+    for prefix, module in model.named_modules():
+        params = list(module.named_parameters(prefix=prefix, recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0), torch.no_grad():
+            if deepspeed.comm.get_rank() == 0:
+                for name, p in params:
+                    p.copy_(reference[name].to(p.dtype))
+    return model
+
+
+def _load_tiny(
+    name: str, kind: str, num_labels: int | None, dtype: torch.dtype, zero3: bool = False
+) -> tuple[nn.Module, Any]:
     if name == "llama":
         if kind != "instruction":
             raise BackboneError("tiny:llama is a causal LM: use kind='instruction' (tiny:bert classifies)")
         tok = tiny_llama_tokenizer()
-        model = _seeded(lambda: LlamaForCausalLM(tiny_llama_config(len(tok), tok)), TINY_SEED)
+        config = tiny_llama_config(len(tok), tok)
+        if zero3:
+            model = _partitioned_copy(lambda: LlamaForCausalLM(config), lambda: LlamaForCausalLM._from_config(config))
+        else:
+            model = _seeded(lambda: LlamaForCausalLM(config), TINY_SEED)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
-        return model.to(dtype).eval(), tok
+        return (model if zero3 else model.to(dtype)).eval(), tok  # zero3: built in the ZeRO dtype
     if name == "bert":
         if kind != "classification":
             raise BackboneError("tiny:bert is an encoder: use kind='classification' (tiny:llama generates)")
+        if zero3:
+            raise BackboneError("tiny:bert under ZeRO-3 is not supported (use trainer.zero_stage <= 2)")
         tok = tiny_bert_tokenizer()
         if num_labels is not None:
             model = _seeded(
@@ -196,15 +224,25 @@ def _from_pretrained(
 
 
 def load_backbone(
-    name_or_path: str, *, kind: str = "instruction", num_labels: int | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str,
+    *,
+    kind: str = "instruction",
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    zero3: bool = False,
 ) -> tuple[nn.Module, Any]:
-    """Resolve a model reference to (model in eval mode, tokenizer). See the module docstring."""
+    """Resolve a model reference to (model in eval mode, tokenizer). See the module docstring.
+
+    ``zero3``: the caller holds a live ``transformers.integrations.HfDeepSpeedConfig`` for stage 3
+    (pm_ray/train/zero3.py): parameters are partitioned as the model is built, so no rank
+    materialises the whole backbone (``from_pretrained`` does this by itself under that config).
+    """
     _check_kind(kind, num_labels)
     ref = str(name_or_path).strip()
     if not ref:
         raise BackboneError("model name_or_path is empty")
     if ref.startswith("tiny:"):
-        return _load_tiny(ref[len("tiny:") :], kind, num_labels, dtype)
+        return _load_tiny(ref[len("tiny:") :], kind, num_labels, dtype, zero3)
     if ref.startswith("bundled:"):
         model_dir, entry = bundled_model_dir(ref[len("bundled:") :])
         if kind not in entry.kinds:

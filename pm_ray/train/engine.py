@@ -1,11 +1,17 @@
-"""The one seam for distributed training: DeepSpeed ZeRO 0-2, DDP, or a single process.
+"""The one seam for distributed training: DeepSpeed ZeRO 0-3, DDP, or a single process.
 
 Each task gets a fresh LoRA adapter (new Parameter objects) and therefore a fresh engine: the
 optimizer state must not carry over between tasks, and DeepSpeed/DDP gradient hooks are bound to
 the parameters they were built on, so a new adapter means new hooks and no stale ones firing.
 
-    engine = build_engine(cfg.trainer, model, trainable_params)
+    engine = build_engine(cfg.trainer, model, trainable_params, bf16=cfg.model.dtype == "bfloat16")
     loss = engine.forward_loss(batch); engine.backward(loss); engine.step()
+
+bf16 (``model.dtype: bfloat16``): DeepSpeed's ``bf16`` mode on CUDA (bf16 weights, fp32 master
+copies of the trainable ones in the optimizer); elsewhere the forward runs under
+``torch.autocast(<device>, bfloat16)``. PEFT keeps the LoRA factors in fp32 over a bf16 base, and
+the Fisher, the task vector and the merge are computed in fp32 (pm_ray/core casts).
+ZeRO-3 (pm_ray/train/zero3.py) partitions every parameter; small ones are not kept whole.
 """
 
 from __future__ import annotations
@@ -51,7 +57,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def deepspeed_config(cfg: TrainerSection, world_size: int) -> dict[str, Any]:
+def uses_deepspeed_bf16(cfg: TrainerSection, bf16: bool) -> bool:
+    return bf16 and cfg.engine == "deepspeed" and cfg.use_gpu and torch.cuda.is_available()
+
+
+def deepspeed_config(cfg: TrainerSection, world_size: int, bf16: bool = False) -> dict[str, Any]:
     """Inline/JSON config from the user, with pm-ray's batch size and ZeRO stage filled in."""
     user: dict[str, Any] = {}
     if isinstance(cfg.deepspeed_config, str):
@@ -70,6 +80,14 @@ def deepspeed_config(cfg: TrainerSection, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.zero_stage == 3:
+        # DeepSpeed keeps every tensor under 1e5 elements whole on every rank by default (all of a
+        # tiny model, the norms of a large one): 0 makes what is resident what partitioning says.
+        config["zero_optimization"].update(
+            {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0}
+        )
+    if uses_deepspeed_bf16(cfg, bf16):
+        config["bf16"] = {"enabled": True}
     config.update(user)
     config.setdefault(
         "train_batch_size",
@@ -82,12 +100,21 @@ class Engine:
     """Forward/backward/step over the wrapped model; ``module`` is the unwrapped PEFT model."""
 
     def __init__(
-        self, module: torch.nn.Module, wrapped: Any, optimizer: torch.optim.Optimizer | None, kind: str
+        self,
+        module: torch.nn.Module,
+        wrapped: Any,
+        optimizer: torch.optim.Optimizer | None,
+        kind: str,
+        autocast: str | None = None,
     ) -> None:
         self.module, self.wrapped, self.optimizer, self.kind = module, wrapped, optimizer, kind
+        self.autocast = autocast  # a device type whose forward runs under autocast(bfloat16), or None
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.wrapped(**batch).loss
+        if self.autocast is None:
+            return self.wrapped(**batch).loss
+        with torch.autocast(self.autocast, dtype=torch.bfloat16):
+            return self.wrapped(**batch).loss.float()
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.kind == "deepspeed":
@@ -117,22 +144,28 @@ class Engine:
         return float(total.sqrt())
 
     def close(self) -> None:
-        if self.kind == "deepspeed" and hasattr(self.wrapped, "destroy"):
+        """Remove the engine's hooks (idempotent)."""
+        if self.kind == "deepspeed" and hasattr(self.wrapped, "destroy") and not getattr(self, "closed", False):
             self.wrapped.destroy()
+        self.closed = True
 
 
-def build_engine(cfg: TrainerSection, model: torch.nn.Module, params: list[torch.nn.Parameter]) -> Engine:
+def build_engine(
+    cfg: TrainerSection, model: torch.nn.Module, params: list[torch.nn.Parameter], bf16: bool = False
+) -> Engine:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    on_gpu = cfg.use_gpu and torch.cuda.is_available()
+    autocast = None if not bf16 or uses_deepspeed_bf16(cfg, bf16) else ("cuda" if on_gpu else "cpu")
     if cfg.engine == "deepspeed":
         import deepspeed
 
         _, world_size = world()
         wrapped, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg, world_size)
+            model=model, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg, world_size, bf16)
         )
-        return Engine(model, wrapped, ds_optimizer, "deepspeed")
+        return Engine(model, wrapped, ds_optimizer, "deepspeed", autocast)
     if cfg.engine == "ddp" and is_distributed():
-        device_ids = [torch.cuda.current_device()] if cfg.use_gpu and torch.cuda.is_available() else None
+        device_ids = [torch.cuda.current_device()] if on_gpu else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        return Engine(model, wrapped, optimizer, "ddp")
-    return Engine(model, model, optimizer, "single")
+        return Engine(model, wrapped, optimizer, "ddp", autocast)
+    return Engine(model, model, optimizer, "single", autocast)

@@ -9,6 +9,8 @@ For each task t not yet committed in state.json, every worker
   e. loads the merged state back and folds it into the base weights,
   f. evaluates the merged model on every seen task (rows sharded across ranks, exact global sums),
   g. commits the task (rank 0 writes state.json) and reports its metrics to Ray Train.
+Parameters are read and written through ``zero3.Weights``: directly, or gathered module by module
+under DeepSpeed ZeRO-3, where every rank also runs every forward (pm_ray/train/zero3.py).
 """
 
 from __future__ import annotations
@@ -22,34 +24,24 @@ import torch
 from pm_ray import interrupt
 from pm_ray.config import RunConfig
 from pm_ray.core.fisher import diagonal_fisher
-from pm_ray.core.lora import LoraFactors, base_weight, lora_factors, lora_layers, task_vector
+from pm_ray.core.lora import LoraFactors, lora_factors, lora_layers, task_vector
 from pm_ray.core.perturbation import Perturbation
 from pm_ray.core.strategies import build_strategy
 from pm_ray.data.tokenize import batch_iterator, fisher_batches
 from pm_ray.eval import evaluate_task
 from pm_ray.merge.actor import MergeClient
-from pm_ray.models.backbone import DTYPES, load_backbone
+from pm_ray.models.backbone import DTYPES
 from pm_ray.models.lora import attach_lora
 from pm_ray.rundir import RunDir
 from pm_ray.tracking import task_tracker
-from pm_ray.train import checkpoints
-from pm_ray.train.engine import all_reduce_sum, barrier, build_engine, world
+from pm_ray.train import checkpoints, zero3
+from pm_ray.train.engine import all_reduce_sum, barrier, build_engine, deepspeed_config, world
 from pm_ray.train.merge_step import merge_task
 from pm_ray.train.orthogonal_state import OrthogonalState
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def set_adapted_weights(model: torch.nn.Module, w0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
-    """W = W0 + delta on every adapted module (a copy, not an accumulation: no drift over tasks)."""
-    with torch.no_grad():
-        for key, weight0 in w0.items():
-            weight = base_weight(model, key)
-            update = delta.get(key)
-            value = weight0 if update is None else weight0 + update.to(weight0.device, weight0.dtype)
-            weight.copy_(value)
 
 
 def new_adapter(model: Any, cfg: RunConfig, task: int, previous: str | None) -> Any:
@@ -76,11 +68,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = RunConfig.model_validate(loop_config["config"])
     run = RunDir(loop_config["run_dir"])
     rank, world_size = world()
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if cfg.trainer.use_gpu and torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    on_gpu = cfg.trainer.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     state = run.read_state()
     tasks = run.load_tasks(state)
     client = MergeClient(state.run_name, cfg.merge.shards, cfg.merge.strategy, cfg.merge.options)
@@ -89,8 +78,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     barrier()
     tracker = task_tracker(loop_config, cfg) if rank == 0 else None
 
-    model, tokenizer = load_backbone(cfg.model.name_or_path, kind=tasks[0].kind, dtype=DTYPES[cfg.model.dtype])
-    model.to(device)
+    bf16 = cfg.model.dtype == "bfloat16"
+    weights = zero3.Weights(cfg.trainer.engine == "deepspeed" and cfg.trainer.zero_stage == 3, rank, world_size)
+    ds_config = deepspeed_config(cfg.trainer, world_size, bf16) if weights.enabled else {}
+    model, tokenizer = weights.load(cfg.model.name_or_path, tasks[0].kind, DTYPES[cfg.model.dtype], device, ds_config)
     perturbation = Perturbation(
         cfg.perturbation.mode, cfg.perturbation.epsilon, tuple(cfg.perturbation.probs), cfg.trainer.seed
     )
@@ -112,12 +103,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         adapter = f"task{t}"
         orth.begin_task(t, model, adapter)
         if not w0:
-            w0 = {key: base_weight(model, key).detach().clone() for key in lora_layers(model, adapter)}
+            w0 = weights.read_w0(model, list(lora_layers(model, adapter)))
             if state.completed:
                 _, start = client.current()
-                set_adapted_weights(model, w0, start)
+                weights.set_adapted(model, w0, start)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        engine = build_engine(cfg.trainer, model, trainable)
+        engine = build_engine(cfg.trainer, model, trainable, bf16)
         model.train()
         batches = batch_iterator(
             task,
@@ -141,7 +132,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step == 0:  # how responsive the merged start point is to the new task's gradients
                 diag["start_grad_norm"] = grad_norm
             if step + 1 in record_at:
-                snapshots.append(lora_factors(model, adapter))
+                with weights.lora(model, adapter):
+                    snapshots.append(lora_factors(model, adapter))
             mean_loss = float(all_reduce_sum(loss.detach().float().reshape(1).cpu()).item()) / world_size
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(
@@ -156,12 +148,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if n:
             diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
         diag["train_s"] = time.time() - t_start
-        engine.close()
+        diag.update(weights.diagnostics(model))  # ZeRO-3: this rank's resident base-weight bytes
+        if not weights.enabled:  # ZeRO-3: its hooks gather the weights, until after the evaluation
+            engine.close()
         diag.update(orth.end_task(run.task_dir(t, task.name), write=rank == 0))
 
         # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now)
         for p in trainable:
             p.requires_grad_(False)
+        loss_kind = "causal_lm" if task.kind == "instruction" else "classification"
         fisher = diagonal_fisher(
             model,
             (
@@ -182,18 +177,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     ),
                 )
             ),
-            kind="causal_lm" if task.kind == "instruction" else "classification",
+            kind=loss_kind,
             adapter_name=adapter,
         )
+        weights.pad_fisher(model, tokenizer, cfg.fisher, task.train.num_rows, loss_kind, adapter)  # ZeRO-3
 
         # d. Fisher shards from every rank, then the merge on rank 0
         progress.phase("merge")
         client.add_fisher(t, fisher, rank)
         barrier()
         delta = None
-        if rank == 0:
-            delta = task_vector(model, adapter)
-            checkpoints.save_adapter(model, adapter, run.task_dir(t, task.name) / "adapter")
+        with weights.lora(model, adapter):
+            if rank == 0:
+                delta = task_vector(model, adapter)
+                checkpoints.save_adapter(model, adapter, run.task_dir(t, task.name) / "adapter")
         merge_info, merge_diag = merge_task(
             strategy,
             client,
@@ -211,8 +208,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # e. fold the merged state; f. evaluate every seen task with the adapter off
         merged, start_next = client.current()
-        set_adapted_weights(model, w0, merged)
-        with model.disable_adapter():
+        weights.set_adapted(model, w0, merged)
+        with model.disable_adapter(), weights.evaluation(model, tokenizer, engine) as reduce:
             row = [
                 evaluate_task(
                     model,
@@ -223,12 +220,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     max_rows=cfg.eval.max_rows,
                     rank=rank,
                     world_size=world_size,
-                    all_reduce=all_reduce_sum,
+                    all_reduce=reduce,
                     max_length=cfg.trainer.max_length,
                 )["score"]
                 for i in progress.iterate("evaluation", range(t), t)
             ]
-        set_adapted_weights(model, w0, start_next)
+        weights.set_adapted(model, w0, start_next)
+        engine.close()  # a second close (all but ZeRO-3) does nothing
 
         # g. commit (rank 0), then report from every rank
         if rank == 0:

@@ -45,7 +45,17 @@ def test_unknown_key_suggests_the_closest(tmp_path, storage, capsys) -> None:
         ("perturbation.probs=[0.5,0.5,0.5]", "summing to 1"),
         ("merge.strategy=magmx", "did you mean 'magmax'"),
         ("trainer.engine=horovod", "trainer.engine"),
-        ("trainer.zero_stage=3", "ZeRO stage 3 is not supported"),
+        ("trainer.zero_stage=4", "ZeRO stage 4 does not exist: expected 0, 1, 2 or 3"),
+        ("trainer.zero_stage=3", "trainer.zero_stage=3 partitions parameters with DeepSpeed: it needs trainer.engine"),
+        (
+            "trainer.engine=deepspeed trainer.zero_stage=3 merge.strategy=trm",
+            "trainer.zero_stage=3 does not support merge.strategy='trm'",
+        ),
+        ("trainer.engine=deepspeed trainer.zero_stage=3 merge.strategy=olora", "does not support O-LoRA"),
+        (
+            "trainer.engine=deepspeed trainer.zero_stage=3 perturbation.mode=gaussian",
+            "does not support perturbation.mode=gaussian",
+        ),
         ("tasks.suite=cit9", "cit9"),
         ("model.name_or_path=/nonexistent/model", "/nonexistent/model"),
         ("model.name_or_path=bundled:gpt5", "gpt5"),
