@@ -32,8 +32,14 @@ import torch
 from pm_ray.core.coefficient import add_partials
 from pm_ray.merge.actor import MergeShard, shard_keys
 
-SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "head_dim": 64}
+SMOLLM2_135M = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+}
 
 
 def smollm2_config() -> tuple[dict[str, int], str]:
@@ -55,8 +61,13 @@ def adapted_shapes(c: dict[str, int], targets: str) -> dict[str, tuple[int, int]
     q = c["num_attention_heads"] * c["head_dim"]
     per_layer = {"self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h)}
     if targets == "all-linear":
-        per_layer |= {"self_attn.q_proj": (q, h), "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h),
-                      "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
+        per_layer |= {
+            "self_attn.q_proj": (q, h),
+            "self_attn.o_proj": (h, q),
+            "mlp.gate_proj": (inter, h),
+            "mlp.up_proj": (inter, h),
+            "mlp.down_proj": (h, inter),
+        }
     return {f"model.layers.{i}.{name}": s for i in range(c["num_hidden_layers"]) for name, s in per_layer.items()}
 
 
@@ -86,8 +97,9 @@ def split(tensors: dict[str, torch.Tensor], keys: list[list[str]]) -> list[dict[
     return [{k: tensors[k] for k in part} for part in keys]
 
 
-def merge_all(shards: list[MergeShard], keys: list[list[str]], task: int, delta, fisher, count: int,
-              save_dir: str | None) -> dict:
+def merge_all(
+    shards: list[MergeShard], keys: list[list[str]], task: int, delta, fisher, count: int, save_dir: str | None
+) -> dict:
     """MergeClient.merge's work, in-process: Fisher in, two-phase global α, every shard merges."""
     parts = split(delta, keys)
     for shard, f in zip(shards, split(fisher, keys)):
@@ -104,9 +116,17 @@ def merge_all(shards: list[MergeShard], keys: list[list[str]], task: int, delta,
 
 
 def snapshot(shards: list[MergeShard]) -> list[tuple]:
-    return [(s.strategy.merged, s.strategy.start, s.strategy.num_tasks, s.strategy.accumulator.num_tasks,
-             {k: v.clone() for k, v in s.strategy.accumulator.phi.items()},
-             {k: v.clone() for k, v in s.strategy.accumulator.psi.items()}) for s in shards]
+    return [
+        (
+            s.strategy.merged,
+            s.strategy.start,
+            s.strategy.num_tasks,
+            s.strategy.accumulator.num_tasks,
+            {k: v.clone() for k, v in s.strategy.accumulator.phi.items()},
+            {k: v.clone() for k, v in s.strategy.accumulator.psi.items()},
+        )
+        for s in shards
+    ]
 
 
 def restore(shards: list[MergeShard], snap: list[tuple]) -> None:
@@ -143,9 +163,15 @@ def main() -> None:
             for t in range(1, before + 1):
                 merge_all(shards, keys, t, delta, fisher, 32, None)
             sides[label] = (shards, before + 1)
-        state_bytes = {label: sum(t.numel() * t.element_size() for s in sh for d in (
-            s.strategy.merged, s.strategy.accumulator.phi, s.strategy.accumulator.psi) for t in d.values())
-            for label, (sh, _) in sides.items()}
+        state_bytes = {
+            label: sum(
+                t.numel() * t.element_size()
+                for s in sh
+                for d in (s.strategy.merged, s.strategy.accumulator.phi, s.strategy.accumulator.psi)
+                for t in d.values()
+            )
+            for label, (sh, _) in sides.items()
+        }
         times: dict[str, list[float]] = {label: [] for label in sides}
         shard_max: dict[str, list[float]] = {label: [] for label in sides}
         peaks: dict[str, list[float]] = {label: [] for label in sides}
@@ -173,7 +199,8 @@ def main() -> None:
             "state_bytes_kept": state_bytes,
             "time_growth_late_over_early": round(statistics.median(times[late]) / statistics.median(times[early]), 3),
             "memory_growth_late_over_early": round(
-                max(statistics.median(peaks[late]), 1.0) / max(statistics.median(peaks[early]), 1.0), 3),
+                max(statistics.median(peaks[late]), 1.0) / max(statistics.median(peaks[early]), 1.0), 3
+            ),
             "plain_add_s": summary(add_s),
             "add_over_merge_throughput": {
                 "min": round(min(add_s) / statistics.median(times[late]), 3),
@@ -181,25 +208,30 @@ def main() -> None:
             },
         }
         del sides
-    print(json.dumps({
-        "benchmark": "merge_cost",
-        "machine": f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-                   f"load average {os.getloadavg()[0]:.1f} at end",
-        "other_load_present": True,
-        "model_shapes": f"SmolLM2-135M ({config_source})",
-        "config": config,
-        "targets": args.targets,
-        "adapted_modules": len(shapes),
-        "adapted_params": numel,
-        "tensor_mib": round(numel * 4 / 2**20, 1),
-        "includes_state_file_write": args.save,
-        "repeats": args.repeats,
-        "note": "shards run one after another in one process; 'slowest shard' is the time K parallel actors "
+    print(
+        json.dumps(
+            {
+                "benchmark": "merge_cost",
+                "machine": f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+                f"load average {os.getloadavg()[0]:.1f} at end",
+                "other_load_present": True,
+                "model_shapes": f"SmolLM2-135M ({config_source})",
+                "config": config,
+                "targets": args.targets,
+                "adapted_modules": len(shapes),
+                "adapted_params": numel,
+                "tensor_mib": round(numel * 4 / 2**20, 1),
+                "includes_state_file_write": args.save,
+                "repeats": args.repeats,
+                "note": "shards run one after another in one process; 'slowest shard' is the time K parallel actors "
                 "would take. Throughput ratio = plain add time / merge time at the late task (>= 0.5 target). "
                 "Memory growth is the ratio of peak-RSS deltas (floored at 1 MiB).",
-        "shards": results,
-        "targets_issue": {"growth": "<= 1.1", "throughput_vs_add": ">= 0.5"},
-    }, indent=2))
+                "shards": results,
+                "targets_issue": {"growth": "<= 1.1", "throughput_vs_add": ">= 0.5"},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

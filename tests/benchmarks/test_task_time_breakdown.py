@@ -22,8 +22,10 @@ def test_phases_and_other_sum_to_task_time():
 
 
 def test_old_state_without_phase_timings_is_not_split():
-    state = {"strategy": "pm", "diagnostics": [{"task": 1, "train_s": 60.0, "task_s": 100.0},
-                                               {"task": 2, "train_s": 90.0, "task_s": 100.0}]}
+    state = {
+        "strategy": "pm",
+        "diagnostics": [{"task": 1, "train_s": 60.0, "task_s": 100.0}, {"task": 2, "train_s": 90.0, "task_s": 100.0}],
+    }
     out = ttb.breakdown(state)
     assert out["fraction"] == {"train": 0.75, "not_split": 0.25}
     assert out["phase_timings_recorded"] is False
@@ -31,8 +33,10 @@ def test_old_state_without_phase_timings_is_not_split():
 
 
 def test_comparison_payload_and_cli(tmp_path, capsys):
-    state = {"strategy": "seq", "diagnostics": [{"task": 1, "train_s": 1.0, "task_s": 4.0, "fisher_s": 1.0,
-                                                 "merge_s": 1.0, "eval_s": 1.0}]}
+    state = {
+        "strategy": "seq",
+        "diagnostics": [{"task": 1, "train_s": 1.0, "task_s": 4.0, "fisher_s": 1.0, "merge_s": 1.0, "eval_s": 1.0}],
+    }
     path = tmp_path / "cmp.json"
     path.write_text(json.dumps({"runs": [state, {"no": "diagnostics"}]}))
     report = ttb.main([str(path)])
