@@ -189,7 +189,7 @@ def render() -> str:
         "",
         table(["model", "N (batch)", "Fisher s", "train pass s", "ratio", "ratio (CPU time)", "target"], fisher_rows()),
         "",
-        "**Merge** (strategy `pm`, SmolLM2-135M adapted-weight shapes, in-process MergeShard's) at task 2 vs 20",
+        "**Merge** (strategy `pm`, SmolLM2-135M adapted-weight shapes, MergeShard objects called in-process) at task 2 vs 20",
         "",
         table(
             [
