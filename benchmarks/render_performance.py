@@ -1,0 +1,222 @@
+"""Render the tables of docs/performance.md from benchmarks/results/*.json (the `performance` block).
+
+    .venv/bin/python benchmarks/render_performance.py
+
+A result file that is not there gives a row saying so; nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from doc_blocks import replace_block
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "performance.md"
+FILES = (
+    "train_throughput_smollm2.json",
+    "train_throughput_tiny.json",
+    "ray_overhead_tiny.json",
+    "fisher_cost_smollm2.json",
+    "fisher_cost_tiny.json",
+    "merge_cost_kv.json",
+    "merge_cost_all_linear.json",
+)
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mm(d: dict[str, float], fmt: str = "{:.3f}") -> str:
+    return f"{fmt.format(d['min'])} / {fmt.format(d['median'])}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def cpu_ratio(d: dict[str, Any], key: str) -> str:
+    return mm(d[key]) if key in d else "-"
+
+
+def throughput_rows() -> list[list[str]]:
+    rows = []
+    for name in ("train_throughput_smollm2.json", "train_throughput_tiny.json"):
+        d = load(name)
+        if d is None:
+            rows.append([name, "not measured", "", "", "", "", ""])
+            continue
+        tps = d["tokens_per_s"]
+        rows.append(
+            [
+                f"`{d['model']}`",
+                "x".join(map(str, d["batch"])),
+                mm(tps["pm_ray_single"], "{:.0f}"),
+                mm(tps["plain_peft"], "{:.0f}"),
+                mm(d["ratio_single_over_plain"]),
+                cpu_ratio(d, "ratio_single_over_plain_cpu_time"),
+                d["target"],
+            ]
+        )
+    return rows
+
+
+def fisher_rows() -> list[list[str]]:
+    rows = []
+    for name in ("fisher_cost_smollm2.json", "fisher_cost_tiny.json"):
+        d = load(name)
+        if d is None:
+            rows.append([name, "not measured", "", "", "", "", ""])
+            continue
+        sec = d["seconds"]
+        rows.append(
+            [
+                f"`{d['model']}`",
+                f"{d['examples']} ({'x'.join(map(str, d['batch']))})",
+                mm(sec["fisher"], "{:.2f}"),
+                mm(sec["train_fwd_bwd"], "{:.2f}"),
+                mm(d["ratio_fisher_over_train_pass"]),
+                cpu_ratio(d, "ratio_fisher_over_train_pass_cpu_time"),
+                d["target"],
+            ]
+        )
+    return rows
+
+
+def ray_rows() -> list[list[str]]:
+    d = load("ray_overhead_tiny.json")
+    if d is None:
+        return [["not measured", "", ""]]
+    ray_side, single_side = d["sides"]
+    wall = d["wall_s"]
+    return [
+        *[
+            [
+                f"whole `pm-ray run` wall s, {n} steps",
+                f"Ray Train {mm(wall[f'{ray_side}@{n}'], '{:.1f}')}; single {mm(wall[f'{single_side}@{n}'], '{:.1f}')}",
+                "",
+            ]
+            for n in d["steps"]
+        ],
+        [
+            "fixed seconds Ray Train adds",
+            mm(d["fixed_s_ray_over_single"], "{:.1f}") + " s",
+            d["targets"]["fixed_s"] + " s",
+        ],
+        [
+            "per-step ratio, state.json step_s",
+            mm(d["per_step_ratio_from_state_step_s"]),
+            d["targets"]["per_step_ratio"],
+        ],
+    ]
+
+
+def merge_rows() -> list[list[str]]:
+    rows = []
+    for name in ("merge_cost_kv.json", "merge_cost_all_linear.json"):
+        d = load(name)
+        if d is None:
+            rows.append([name, "not measured"] + [""] * 7)
+            continue
+        for shards, r in d["shards"].items():
+            late = [k for k in r["merge_s"] if k != "task2"][0]
+            rows.append(
+                [
+                    f"{d['targets']} ({d['tensor_mib']} MiB/tensor)",
+                    shards.split("_")[0],
+                    mm(r["merge_s"]["task2"]),
+                    mm(r["merge_s"][late]),
+                    f"{r['merge_s'][late]['min'] / r['merge_s']['task2']['min']:.2f} / {r['time_growth_late_over_early']:.2f}",
+                    " / ".join(f"{b / 2**20:.0f}" for b in r["state_bytes_kept"].values()),
+                    f"{r['peak_rss_delta_mib']['task2']['median']:.0f} / {r['peak_rss_delta_mib'][late]['median']:.0f}",
+                    f"{r['memory_growth_late_over_early']:.2f}",
+                    mm(r["add_over_merge_throughput"]),
+                ]
+            )
+    return rows
+
+
+def breakdown_rows() -> list[list[str]]:
+    rows = []
+    for name in ("task_time_breakdown_demo.json", "task_time_breakdown_tiny_run.json"):
+        d = load(name)
+        if d is None:
+            continue
+        for file, entries in d["files"].items():
+            for e in entries:
+                f = e["fraction"]
+                rows.append(
+                    [
+                        f"{file} ({e['strategy']})",
+                        f"{e['mean_task_s']:.1f}",
+                        f"{f.get('train', 0):.2f}",
+                        *(f"{f[k]:.2f}" if k in f else "-" for k in ("fisher", "merge", "evaluation", "other")),
+                        f"{f['not_split']:.2f}" if "not_split" in f else "-",
+                    ]
+                )
+    return rows
+
+
+def render() -> str:
+    found = [d for d in map(load, FILES) if d is not None and "machine" in d]
+    torches = sorted({d["machine"].split("torch ")[-1].split(",")[0] for d in found if "torch " in d["machine"]})
+    loads = [float(d["machine"].split("load average ")[1].split()[0]) for d in found if "load average" in d["machine"]]
+    load_text = f"load average {min(loads):.1f}-{max(loads):.1f} when the runs started or ended" if loads else ""
+    parts = [
+        "Machine: a shared 2-core x86_64 CPU VM (23 GiB, no GPU), 2 torch threads, torch "
+        + ", ".join(torches)
+        + ". Other work shared the 2 cores during every measurement "
+        f"({load_text}; up to 15 seen meanwhile): absolute times are slow and noisy, ratios come from interleaved pairs. "
+        "Cells are min / median.",
+        "",
+        "**Training throughput** (tokens/s, pm-ray's worker step on engine `single` vs a plain PEFT + AdamW loop)",
+        "",
+        table(
+            ["model", "batch", "pm-ray single", "plain PEFT", "ratio", "ratio (CPU time)", "target"], throughput_rows()
+        ),
+        "",
+        "**Ray's price** (1-task tiny run, `pm-ray run` on Ray Train with DeepSpeed, 1 worker, vs engine `single`)",
+        "",
+        table(["figure", "measured", "target"], ray_rows()),
+        "",
+        "**Fisher pass** vs one training pass (forward + backward, no optimizer) over the same N examples",
+        "",
+        table(["model", "N (batch)", "Fisher s", "train pass s", "ratio", "ratio (CPU time)", "target"], fisher_rows()),
+        "",
+        "**Merge** (strategy `pm`, SmolLM2-135M adapted-weight shapes, MergeShard objects called in-process) at task 2 vs 20",
+        "",
+        table(
+            [
+                "targets",
+                "shards",
+                "task 2 s",
+                "task 20 s",
+                "time growth",
+                "state kept MiB (2 / 20)",
+                "peak RSS rise MiB (2 / 20)",
+                "memory growth",
+                "add / merge",
+            ],
+            merge_rows(),
+        ),
+        "",
+        "**Where a task's wall time goes** (fractions of task_s from state.json)",
+        "",
+        table(["run", "mean task s", "train", "fisher", "merge", "evaluation", "other", "not split"], breakdown_rows()),
+    ]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    replace_block(DOC, "performance", render())
+    print(f"wrote the performance block of {DOC}")
+
+
+if __name__ == "__main__":
+    main()
