@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from pm_ray.core.tensors import check_same_layout
+
 TensorMap = Mapping[str, torch.Tensor]
 
 
@@ -34,18 +36,12 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 def check_old_layout(new_a: TensorMap, old_a: Sequence[TensorMap]) -> None:
     """ValueError unless every old task has an A of the new A's shape for exactly the new A's modules."""
     for index, old in enumerate(old_a, start=1):
-        missing, extra = sorted(set(new_a) - set(old)), sorted(set(old) - set(new_a))
-        if missing or extra:
-            raise ValueError(
-                f"O-LoRA: the A matrices of old task {index} do not match the new adapter: "
-                f"missing modules {missing[:5]}, unexpected modules {extra[:5]}"
-            )
-        for key, a_new in new_a.items():
-            if tuple(old[key].shape) != tuple(a_new.shape):
-                raise ValueError(
-                    f"O-LoRA: old task {index}'s A[{key!r}] has shape {tuple(old[key].shape)}, "
-                    f"the new adapter's {tuple(a_new.shape)} (same LoRA rank and targets expected)"
-                )
+        check_same_layout(
+            new_a,
+            old,
+            reference_name="the new adapter's A (same LoRA rank and targets expected)",
+            other_name=f"O-LoRA: old task {index}'s A",
+        )
 
 
 def orthogonality_loss(new_a: TensorMap, old_a: Sequence[TensorMap]) -> torch.Tensor:
