@@ -182,7 +182,7 @@ class CurvatureAccumulator:
             den = num
             if self.num_tasks:
                 phi, psi = self.phi[key], self.psi[key]
-                num += dot64(psi - phi * merged_prev[key].float(), d32)
+                num += dot64(torch.addcmul(psi, phi, merged_prev[key].float(), value=-1.0), d32)  # Ψ − Φ⊙θ̂
                 den += dot64(phi, d_sq)
             out[key] = (num, den)
         return out
@@ -206,13 +206,13 @@ class CurvatureAccumulator:
             check_same_layout(self.phi, fisher, reference_name="the accumulator's modules", other_name="fisher")
         for key, f in fisher.items():
             f32 = f.detach().float().cpu()
-            weighted = f32 * expert[key].detach().float().cpu()
+            theta = expert[key].detach().float().cpu()
             if self.num_tasks:
                 self.phi[key] += f32
-                self.psi[key] += weighted
+                self.psi[key].addcmul_(f32, theta)  # Ψ += F ⊙ θ* in one pass, no temporary
             else:
                 self.phi[key] = f32.clone()
-                self.psi[key] = weighted
+                self.psi[key] = f32 * theta
         self.num_tasks += 1
 
     def state_dict(self) -> TensorDict:

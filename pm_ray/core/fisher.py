@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pm_ray.core.answer_logits import answer_logits, takes_logits_mask
 from pm_ray.core.lora import base_weight, lora_layers
 from pm_ray.core.tensors import check_same_layout
 
@@ -99,11 +100,13 @@ def _squared_per_example_grads(calls: Sequence[tuple[torch.Tensor, torch.Tensor]
     d_in, d_out = flat[0][0].shape[-1], flat[0][1].shape[-1]
     chunk = max(1, _CHUNK_ELEMENTS // (d_in * d_out))
     total = torch.zeros(d_out, d_in, dtype=torch.float32, device=flat[0][0].device)
-    for start in range(0, n, chunk):
-        # A module called twice in one forward (shared weights) has one gradient: sum before squaring.
-        stop = start + chunk
-        per_example = sum(torch.bmm(g[start:stop].transpose(1, 2), x[start:stop]) for x, g in flat)
-        total += per_example.square().sum(dim=0)
+    # fp32 products even when the forward ran under bf16 autocast (trainer.precision: bf16-mixed)
+    with torch.autocast(total.device.type, enabled=False):
+        for start in range(0, n, chunk):
+            # A module called twice in one forward (shared weights) has one gradient: sum before squaring.
+            stop = start + chunk
+            per_example = sum(torch.bmm(g[start:stop].transpose(1, 2), x[start:stop]) for x, g in flat)
+            total += per_example.square().sum(dim=0)
     return total
 
 
@@ -153,6 +156,8 @@ def diagonal_fisher(
         for factor in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
         for p in factor.parameters()
     )
+    # a causal LM that takes logits_to_keep: the LM head runs at the answer positions only
+    answer_only = kind == "causal_lm" and takes_logits_mask(model)
     modes = {module: module.training for module in model.modules()}
     hooks = [layer.register_forward_hook(functools.partial(capture, key)) for key, layer in layers.items()]
     count = 0
@@ -174,7 +179,10 @@ def diagonal_fisher(
             for calls in captured.values():
                 calls.clear()
             with torch.enable_grad():
-                losses = per_example_loss(model(**inputs).logits, labels, kind)
+                if answer_only:
+                    losses = answer_logits(model, inputs, labels, sliced=True).per_example_loss(n)
+                else:
+                    losses = per_example_loss(model(**inputs).logits, labels, kind)
                 keys = [key for key, calls in captured.items() for _ in calls]
                 outputs = [output for calls in captured.values() for _, output in calls]
                 missing = sorted({key for key, out in zip(keys, outputs) if not out.requires_grad})

@@ -61,9 +61,21 @@ def check_fisher(fisher: Mapping[str, torch.Tensor], *, name: str = "fisher") ->
             )
 
 
+# float64 copies are made a chunk at a time (512 KiB each): no module-sized float64 temporaries
+_DOT_CHUNK = 1 << 16
+
+
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Σ a ⊙ b reduced in float64 (the terms of α are differences of large sums)."""
-    return float((a.to(torch.float64) * b.to(torch.float64)).sum())
+    """Σ a ⊙ b in float64: exact products of float32 inputs, a float64 sum (the terms of α are
+    differences of large sums)."""
+    if a.shape != b.shape:
+        raise ValueError(f"dot64: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start in range(0, a.numel(), _DOT_CHUNK):
+        stop = start + _DOT_CHUNK
+        total += float(torch.dot(a[start:stop].double(), b[start:stop].double()))
+    return total
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

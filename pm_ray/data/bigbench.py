@@ -16,7 +16,8 @@ example input, and
 
 The archive is `bigbench-1.0.0.tar.gz` from PyPI; its setup.py is broken and nothing in it is run:
 `fetch_archive` downloads the file from the package registry (sha256 checked) and members are read
-with `tarfile`.
+with `tarfile`. `read_tasks` reads each task.json out of it once per machine (one streaming pass for
+all the tasks asked for) and keeps it beside the archive, so a run does not decompress 342 MB.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 
+from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.data.schema import TaskDataError
 
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
@@ -116,19 +118,20 @@ def fetch_archive(cache_dir: Path | None = None, *, quiet: bool = False) -> Path
     return path
 
 
-def read_archive_tasks(archive: Path, tasks: list[str]) -> dict[str, dict[str, Any]]:
-    """{task: parsed task.json} for `tasks` (e.g. "fact_checker/fever"), in one pass over the archive."""
+def _archive_members(archive: Path, tasks: list[str]) -> dict[str, bytes]:
+    """{task: raw task.json bytes} for `tasks`, in one streaming pass over the archive (a gzip tar
+    is read front to back once: random access would decompress it again for every seek)."""
     members = {f"{TASKS_ROOT}/{t}/task.json": t for t in tasks}
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, bytes] = {}
     try:
-        with tarfile.open(archive, "r:gz") as tf:
+        with tarfile.open(archive, "r|gz") as tf:
             for member in tf:
                 task = members.get(member.name)
                 if task is None or not member.isfile():
                     continue
                 handle = tf.extractfile(member)
                 assert handle is not None
-                found[task] = _parse(handle.read(), f"{archive}:{member.name}")
+                found[task] = handle.read()
                 if len(found) == len(members):
                     break
     except (tarfile.TarError, OSError, EOFError) as err:
@@ -137,6 +140,34 @@ def read_archive_tasks(archive: Path, tasks: list[str]) -> dict[str, dict[str, A
     if missing:
         raise TaskDataError(str(archive), f"no task.json for {missing} under {TASKS_ROOT}/")
     return found
+
+
+def read_archive_tasks(archive: Path, tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """{task: parsed task.json} for `tasks` (e.g. "fact_checker/fever"), in one pass over the archive."""
+    return {
+        task: _parse(raw, f"{archive}:{TASKS_ROOT}/{task}/task.json")
+        for task, raw in _archive_members(archive, tasks).items()
+    }
+
+
+def members_dir(archive: Path) -> Path:
+    """Where the task.json files read out of `archive` are kept (beside it, once per machine)."""
+    return archive.parent / f"{archive.name}.tasks"
+
+
+def read_tasks(tasks: list[str], archive: Path | None = None) -> dict[str, dict[str, Any]]:
+    """{task: parsed task.json}: each task.json is read out of the (sha256-checked) archive once per
+    machine, in one pass for all the tasks not read before, and kept as a file in `members_dir`
+    (written atomically); later runs read those files and never open the 342 MB archive."""
+    archive = archive or fetch_archive()
+    kept = members_dir(archive)
+    paths = {task: kept / task / "task.json" for task in tasks}
+    missing = [task for task, path in paths.items() if not path.is_file()]
+    if missing:
+        for task, raw in _archive_members(archive, missing).items():
+            paths[task].parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(paths[task], raw)
+    return {task: _parse(path.read_bytes(), str(path)) for task, path in paths.items()}
 
 
 def read_task_file(path: str | Path) -> dict[str, Any]:

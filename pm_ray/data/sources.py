@@ -73,7 +73,7 @@ def _read_rows(ref: str, fmt: str, spec: dict[str, Any]) -> list[dict[str, Any]]
     """A file's examples: instruction rows for bigbench/superni, an Arrow table for the others."""
     if ref.startswith(BIGBENCH_SCHEME):
         task = ref[len(BIGBENCH_SCHEME) :]
-        data = bigbench.read_archive_tasks(bigbench.fetch_archive(), [task])[task]
+        data = bigbench.read_tasks([task])[task]
         return bigbench.bigbench_rows(
             data, source=ref, choices_in_prompt=spec["choices_in_prompt"], instruction_part=spec["instruction_part"]
         )
@@ -172,6 +172,14 @@ def load_sources(specs: list[Any]) -> list[Task]:
                 f"tasks.files[{i}]", f"duplicate task name {spec['name']!r} (also tasks.files[{seen[spec['name']]}])"
             )
         seen[spec["name"]] = i
+    archived = [
+        ref[len(BIGBENCH_SCHEME) :]
+        for spec in normalised
+        for ref in (spec["path"], spec["train"], spec["test"])
+        if isinstance(ref, str) and ref.startswith(BIGBENCH_SCHEME)
+    ]
+    if archived:  # every BIG-bench task not read before, in one pass over the archive
+        bigbench.read_tasks(archived)
     return [load_source(s) for s in normalised]
 
 

@@ -38,6 +38,7 @@ class MergeShard:
         self.strategy: MergeStrategy = build_strategy(strategy, **self.options)
         self.fisher: dict[int, FisherShard] = {}  # by data-parallel rank, summed in rank order
         self.fisher_task = 0
+        self.fisher_mean: TensorDict | None = None  # F_t of fisher_task, from all ranks' shards
 
     def sync(self, completed: int, state_file: str | None) -> int:
         """Make the in-memory state that of the last committed task (idempotent)."""
@@ -49,7 +50,7 @@ class MergeShard:
                         f"merge shard {self.shard}: {completed} tasks completed but no state file recorded"
                     )
                 self.strategy.load(state_file)
-        self.fisher, self.fisher_task = {}, 0
+        self.fisher, self.fisher_task, self.fisher_mean = {}, 0, None
         return self.strategy.num_tasks
 
     def add_fisher(self, task: int, sums: TensorDict, count: int, rank: int = 0) -> None:
@@ -59,13 +60,16 @@ class MergeShard:
         if self.fisher_task != task:
             self.fisher, self.fisher_task = {}, task
         self.fisher[rank] = FisherShard(sums=sums, count=count)
+        self.fisher_mean = None
 
     def _update(self, task: int, delta: TensorDict, extras: dict[str, Any] | None = None) -> TaskUpdate:
         fisher = None
         if self.strategy.needs_fisher:
             if not self.fisher or self.fisher_task != task:
                 raise ValueError(f"merge shard {self.shard}: no Fisher received for task {task}")
-            fisher = FisherShard.reduce(self.fisher[r] for r in sorted(self.fisher)).mean()
+            if self.fisher_mean is None:  # once a task: the two-phase solve asks for it twice
+                self.fisher_mean = FisherShard.reduce(self.fisher[r] for r in sorted(self.fisher)).mean()
+            fisher = self.fisher_mean
         return TaskUpdate(task=task, delta=delta, fisher=fisher, extras=extras or {})
 
     def partials(self, task: int, delta: TensorDict) -> dict[str, tuple[float, float]]:

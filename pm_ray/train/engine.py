@@ -9,13 +9,15 @@ the parameters they were built on, so a new adapter means new hooks and no stale
 
 bf16 (``model.dtype: bfloat16``): DeepSpeed's ``bf16`` mode on CUDA (bf16 weights, fp32 master
 copies of the trainable ones in the optimizer); elsewhere the forward runs under
-``torch.autocast(<device>, bfloat16)``. PEFT keeps the LoRA factors in fp32 over a bf16 base, and
+``torch.autocast(<device>, bfloat16)``. ``trainer.precision: bf16-mixed`` keeps fp32 weights and runs
+every forward (training, Fisher, evaluation: ``compute_precision``) under that autocast. PEFT keeps the LoRA factors in fp32 over a bf16 base, and
 the Fisher, the task vector and the merge are computed in fp32 (pm_ray/core casts).
 ZeRO-3 (pm_ray/train/zero3.py) partitions every parameter; small ones are not kept whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from pm_ray.config import TrainerSection
+from pm_ray.core.answer_logits import answer_logits, takes_logits_mask
 
 
 def is_distributed() -> bool:
@@ -59,6 +62,19 @@ def barrier() -> None:
 
 def uses_deepspeed_bf16(cfg: TrainerSection, bf16: bool) -> bool:
     return bf16 and cfg.engine == "deepspeed" and cfg.use_gpu and torch.cuda.is_available()
+
+
+def autocast_device(cfg: TrainerSection, bf16: bool) -> str | None:
+    """The device type whose forwards run under autocast(bfloat16), or None (full precision, or
+    DeepSpeed's own bf16 mode). ``bf16``: the base weights are bfloat16 (``model.dtype``)."""
+    if uses_deepspeed_bf16(cfg, bf16) or not (bf16 or cfg.precision == "bf16-mixed"):
+        return None
+    return "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def compute_precision(device_type: str | None) -> contextlib.AbstractContextManager[Any]:
+    """The forward context of the Fisher pass and the evaluation (the training step's is the Engine's)."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if device_type else contextlib.nullcontext()
 
 
 def deepspeed_config(cfg: TrainerSection, world_size: int, bf16: bool = False) -> dict[str, Any]:
@@ -109,11 +125,14 @@ class Engine:
     ) -> None:
         self.module, self.wrapped, self.optimizer, self.kind = module, wrapped, optimizer, kind
         self.autocast = autocast  # a device type whose forward runs under autocast(bfloat16), or None
+        # a causal LM that takes logits_to_keep: the LM head runs at the answer positions only
+        self.answer_only = takes_logits_mask(module)
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.autocast is None:
-            return self.wrapped(**batch).loss
-        with torch.autocast(self.autocast, dtype=torch.bfloat16):
+        with compute_precision(self.autocast):
+            if self.answer_only and "labels" in batch:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                return answer_logits(self.wrapped, inputs, batch["labels"], sliced=True).mean_loss()
             return self.wrapped(**batch).loss.float()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -155,7 +174,7 @@ def build_engine(
 ) -> Engine:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
-    autocast = None if not bf16 or uses_deepspeed_bf16(cfg, bf16) else ("cuda" if on_gpu else "cpu")
+    autocast = autocast_device(cfg, bf16)
     if cfg.engine == "deepspeed":
         import deepspeed
 

@@ -35,13 +35,57 @@ from pm_ray.models.lora import attach_lora
 from pm_ray.rundir import RunDir
 from pm_ray.tracking import task_tracker
 from pm_ray.train import checkpoints, zero3
-from pm_ray.train.engine import all_reduce_sum, barrier, build_engine, deepspeed_config, world
+from pm_ray.train.engine import (
+    all_reduce_sum,
+    autocast_device,
+    barrier,
+    build_engine,
+    compute_precision,
+    deepspeed_config,
+    world,
+)
 from pm_ray.train.merge_step import merge_task
 from pm_ray.train.orthogonal_state import OrthogonalState
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def task_loss_kind(task: Any) -> str:
+    return "causal_lm" if task.kind == "instruction" else "classification"
+
+
+def fisher_shard(
+    model: Any,
+    tokenizer: Any,
+    cfg: RunConfig,
+    task: Any,
+    progress: Any,
+    rank: int,
+    world_size: int,
+    device: Any,
+    adapter: str,
+) -> Any:
+    """This rank's share of the diagonal Fisher of task ``task`` at the current (expert) weights."""
+    batches = fisher_batches(
+        task,
+        tokenizer,
+        num_samples=cfg.fisher.num_samples,
+        batch_size=cfg.fisher.batch_size,
+        max_length=cfg.trainer.max_length,
+        rank=rank,
+        world_size=world_size,
+    )
+    count = checkpoints.fisher_batch_count(
+        task.train.num_rows, cfg.fisher.num_samples, cfg.fisher.batch_size, world_size
+    )
+    return diagonal_fisher(
+        model,
+        ({k: v.to(device) for k, v in b.items()} for b in progress.iterate("fisher", batches, count)),
+        kind=task_loss_kind(task),
+        adapter_name=adapter,
+    )
 
 
 def new_adapter(model: Any, cfg: RunConfig, task: int, previous: str | None) -> Any:
@@ -79,6 +123,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = task_tracker(loop_config, cfg) if rank == 0 else None
 
     bf16 = cfg.model.dtype == "bfloat16"
+    autocast = autocast_device(cfg.trainer, bf16)  # trainer.precision / model.dtype: bf16 forwards
     weights = zero3.Weights(cfg.trainer.engine == "deepspeed" and cfg.trainer.zero_stage == 3, rank, world_size)
     ds_config = deepspeed_config(cfg.trainer, world_size, bf16) if weights.enabled else {}
     model, tokenizer = weights.load(cfg.model.name_or_path, tasks[0].kind, DTYPES[cfg.model.dtype], device, ds_config)
@@ -153,38 +198,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.close()
         diag.update(orth.end_task(run.task_dir(t, task.name), write=rank == 0))
 
-        # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now)
+        # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now),
+        # when the merge uses it (sequential, averaging, ... do not)
         for p in trainable:
             p.requires_grad_(False)
-        loss_kind = "causal_lm" if task.kind == "instruction" else "classification"
-        fisher = diagonal_fisher(
-            model,
-            (
-                {k: v.to(device) for k, v in b.items()}
-                for b in progress.iterate(
-                    "fisher",
-                    fisher_batches(
-                        task,
-                        tokenizer,
-                        num_samples=cfg.fisher.num_samples,
-                        batch_size=cfg.fisher.batch_size,
-                        max_length=cfg.trainer.max_length,
-                        rank=rank,
-                        world_size=world_size,
-                    ),
-                    checkpoints.fisher_batch_count(
-                        task.train.num_rows, cfg.fisher.num_samples, cfg.fisher.batch_size, world_size
-                    ),
-                )
-            ),
-            kind=loss_kind,
-            adapter_name=adapter,
-        )
-        weights.pad_fisher(model, tokenizer, cfg.fisher, task.train.num_rows, loss_kind, adapter)  # ZeRO-3
+        if strategy.needs_fisher:
+            with compute_precision(autocast):
+                fisher = fisher_shard(model, tokenizer, cfg, task, progress, rank, world_size, device, adapter)
+            weights.pad_fisher(model, tokenizer, cfg.fisher, task.train.num_rows, task_loss_kind(task), adapter)
 
         # d. Fisher shards from every rank, then the merge on rank 0
         progress.phase("merge")
-        client.add_fisher(t, fisher, rank)
+        if strategy.needs_fisher:
+            client.add_fisher(t, fisher, rank)
         barrier()
         delta = None
         with weights.lora(model, adapter):
@@ -209,7 +235,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # e. fold the merged state; f. evaluate every seen task with the adapter off
         merged, start_next = client.current()
         weights.set_adapted(model, w0, merged)
-        with model.disable_adapter(), weights.evaluation(model, tokenizer, engine) as reduce:
+        with (
+            model.disable_adapter(),
+            weights.evaluation(model, tokenizer, engine) as reduce,
+            compute_precision(autocast),
+        ):
             row = [
                 evaluate_task(
                     model,

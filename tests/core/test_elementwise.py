@@ -237,7 +237,7 @@ def test_flat_curvature_keeps_the_line_value() -> None:
             )
         prev = {k: torch.zeros(s) for k, s in KEYS.items()}
         for t, r in enumerate(results, start=1):
-            line = {k: prev[k] + r.alpha[k] * deltas[t - 1][k] for k in KEYS}
+            line = {k: torch.add(prev[k], deltas[t - 1][k], alpha=r.alpha[k]) for k in KEYS}  # as LineMerge
             assert torch.equal(r.merged["b.v_proj"], line["b.v_proj"])  # λ = 0 there whatever the damping
             expected = line["a.k_proj"][0, 1] if damping == 0.0 else torch.tensor(0.0)  # ψ = 0 with λ > 0
             assert float(r.merged["a.k_proj"][0, 1]) == pytest.approx(float(expected), abs=1e-7)

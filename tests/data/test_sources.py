@@ -163,6 +163,15 @@ def test_archive_reader_reads_members_without_extracting(tmp_path, monkeypatch) 
     )
     assert [t.name for t in tasks] == ["intent", "plus"] and tasks[0].has_choices and not tasks[1].has_choices
     assert tasks[1].train.num_rows == 25  # max_train unset: every remaining example
+    # both task.json files were read out in that one pass and kept: later loads never open the archive
+    kept = bigbench.members_dir(tmp_path / "cache" / "archives" / bigbench.ARCHIVE_NAME)
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("task.json")) == [
+        "intent/task.json",
+        "plus/one/task.json",
+    ]
+    (tmp_path / "cache" / "archives" / bigbench.ARCHIVE_NAME).write_bytes(b"not a gzip file")
+    again = load_sources([{"name": "intent", "path": "bigbench:intent", "max_test": 9, "max_train": 12}])
+    assert again[0].test.equals(tasks[0].test) and again[0].train.equals(tasks[0].train)
 
 
 def test_split_is_deterministic_disjoint_and_balanced() -> None:

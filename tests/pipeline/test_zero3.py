@@ -54,16 +54,28 @@ def test_zero3_partitions_the_base_weights(zero_runs) -> None:
     assert "base_resident_bytes" not in zero_runs[2]["diagnostics"][0]
 
 
-def test_bf16_matches_fp32(tmp_path) -> None:
-    """engine=single on CPU: bf16 weights, the forward under autocast(cpu, bfloat16); Fisher, task
-    vector and merge in fp32. Stated tolerance: α's within 0.02, first-task loss within 1%."""
-    states = {}
-    for dtype in ("float32", "bfloat16"):
-        cfg = tiny_config(tmp_path / dtype, model={"name_or_path": "tiny:llama", "dtype": dtype})
-        states[dtype] = state_of(run_continual(config_from_dict(cfg), config_stem=dtype, quiet=True))
-    fp32, bf16 = states["float32"], states["bfloat16"]
+@pytest.fixture(scope="module")
+def fp32_state(tmp_path_factory) -> dict:
+    cfg = tiny_config(tmp_path_factory.mktemp("fp32"))
+    return state_of(run_continual(config_from_dict(cfg), config_stem="fp32", quiet=True))
+
+
+@pytest.mark.parametrize(
+    "bf16_setting",
+    [{"model": {"dtype": "bfloat16"}}, {"trainer": {"precision": "bf16-mixed"}}],
+    ids=["bf16-weights", "bf16-mixed"],
+)
+def test_bf16_matches_fp32(tmp_path, fp32_state, bf16_setting) -> None:
+    """engine=single on CPU. bf16 weights: the training forward under autocast(cpu, bfloat16), Fisher,
+    task vector and merge in fp32. bf16-mixed: fp32 weights, the training, Fisher and evaluation
+    forwards under that autocast. Stated tolerance: α's within 0.02, final losses within 1%."""
+    bf16 = state_of(
+        run_continual(config_from_dict(tiny_config(tmp_path, **bf16_setting)), config_stem="bf16", quiet=True)
+    )
+    fp32 = fp32_state
     assert bf16["completed"] == 3
     assert bf16["alphas"] == pytest.approx(fp32["alphas"], abs=0.02)
+    assert bf16["alphas"] != fp32["alphas"]  # the bf16 forwards did run: rounding moves α a little
     losses = [[d["final_loss"] for d in s["diagnostics"]] for s in (fp32, bf16)]
     assert losses[1] == pytest.approx(losses[0], rel=0.01)
     for row32, row16 in zip(fp32["accuracy"], bf16["accuracy"]):

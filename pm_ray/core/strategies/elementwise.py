@@ -115,14 +115,13 @@ class FisherElementwise(PerturbAndMerge):
         psi_new: TensorDict = {}
         for key, d in update.delta.items():
             a = used[key] if isinstance(used, dict) else used
-            line = prev[key] + a * d.float()
+            line = torch.add(prev[key], d.float(), alpha=a)  # bit-equal to LineMerge's point
             f = fisher[key].detach().float().cpu()
             expert = prev[key] + d.float()
-            weighted = f * expert
-            if acc.num_tasks:
-                phi, psi = acc.phi[key] + f, acc.psi[key] + weighted
+            if acc.num_tasks:  # the same fused ops as CurvatureAccumulator.add: bit-equal α and Ψ
+                phi, psi = acc.phi[key] + f, torch.addcmul(acc.psi[key], f, expert)
             else:
-                phi, psi = f.clone(), weighted
+                phi, psi = f.clone(), f * expert
             phi_new[key], psi_new[key] = phi, psi
             if beta == 0.0:
                 merged[key] = line

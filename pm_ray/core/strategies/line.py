@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import field_validator
 
 from pm_ray.core.coefficient import Alpha, CurvatureAccumulator, Partials, alpha_from_partials
@@ -33,7 +34,7 @@ class LineMerge(MergeStrategy):
         merged: TensorDict = {}
         for key, d in update.delta.items():
             a = used[key] if isinstance(used, dict) else used
-            merged[key] = prev[key] + a * d.float()
+            merged[key] = torch.add(prev[key], d.float(), alpha=a)  # one pass: prev + a·d
         self._after_merge(update, prev)
         return merged, merged, used
 
