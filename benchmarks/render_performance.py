@@ -24,6 +24,7 @@ FILES = (
     "fisher_cost_tiny.json",
     "merge_cost_kv.json",
     "merge_cost_all_linear.json",
+    "precision_smollm2.json",
 )
 
 
@@ -122,7 +123,7 @@ def merge_rows() -> list[list[str]]:
     for name in ("merge_cost_kv.json", "merge_cost_all_linear.json"):
         d = load(name)
         if d is None:
-            rows.append([name, "not measured"] + [""] * 7)
+            rows.append([name, "not measured"] + [""] * 8)
             continue
         for shards, r in d["shards"].items():
             late = [k for k in r["merge_s"] if k != "task2"][0]
@@ -137,8 +138,36 @@ def merge_rows() -> list[list[str]]:
                     f"{r['peak_rss_delta_mib']['task2']['median']:.0f} / {r['peak_rss_delta_mib'][late]['median']:.0f}",
                     f"{r['memory_growth_late_over_early']:.2f}",
                     mm(r["add_over_merge_throughput"]),
+                    cpu_ratio(r, "throughput_vs_add_same_bytes"),
                 ]
             )
+    return rows
+
+
+def precision_rows() -> list[list[str]]:
+    d = load("precision_smollm2.json")
+    if d is None:
+        return [["precision_smollm2.json", "not measured", "", "", "", ""]]
+    rows = []
+    for part, label in (("train", "training step"), ("mc_scoring", "choice scoring"), ("generation", "generation")):
+        r = d[part]
+        size = "x".join(map(str, r["batch"])) if part == "train" else f"{r['rows']} rows"
+        if part == "train":
+            agree = f"loss {r['last_loss']['fp32']:.4f} vs {r['last_loss']['bf16-mixed']:.4f}"
+        elif part == "mc_scoring":
+            agree = f"predictions {r['predictions_agree']}, max score diff {r['max_abs_score_diff']}"
+        else:
+            agree = f"identical answers {r['answers_identical']}"
+        rows.append(
+            [
+                label,
+                size,
+                mm(r["block_s" if part == "train" else "pass_s"]["fp32"]),
+                mm(r["block_s" if part == "train" else "pass_s"]["bf16-mixed"]),
+                f"{r['speedup_wall']:.2f} ({r['speedup_cpu_time']:.2f})",
+                agree,
+            ]
+        )
     return rows
 
 
@@ -202,9 +231,15 @@ def render() -> str:
                 "peak RSS rise MiB (2 / 20)",
                 "memory growth",
                 "add / merge",
+                "vs add, same bytes",
             ],
             merge_rows(),
         ),
+        "",
+        "**`trainer.precision`**: fp32 vs bf16-mixed (fp32 weights, forwards under autocast(bf16)), SmolLM2-135M "
+        "with rank-8 LoRA, sides alternating in one process (`benchmarks/precision.py`)",
+        "",
+        table(["work", "size", "fp32 s", "bf16-mixed s", "speed-up wall (CPU time)", "agreement"], precision_rows()),
         "",
         "**Where a task's wall time goes** (fractions of task_s from state.json)",
         "",

@@ -55,12 +55,13 @@ def summary(values: list[float], digits: int = 4) -> dict[str, float]:
 class PmRaySide:
     """The worker loop's per-step work (loop.py, step b) on engine `single`."""
 
-    def __init__(self, model_ref: str, lr: float) -> None:
+    def __init__(self, model_ref: str, lr: float, precision: str = "fp32") -> None:
         torch.manual_seed(0)
         model, _ = load_backbone(model_ref)
         self.model = attach_lora(model, rank=8, alpha=16, adapter_name="task1")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine = build_engine(TrainerSection(engine="single", num_workers=1, lr=lr), self.model, trainable)
+        trainer = TrainerSection(engine="single", num_workers=1, lr=lr, precision=precision)
+        self.engine = build_engine(trainer, self.model, trainable)
         self.perturbation = Perturbation("task_vector", 0.5, (1 / 3, 1 / 3, 1 / 3), 0)
         self.model.train()
         self.step_i = 0

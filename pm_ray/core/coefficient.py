@@ -176,13 +176,13 @@ class CurvatureAccumulator:
         self._check(delta, fisher, merged_prev)
         out: Partials = {}
         for key, d in delta.items():
-            d32 = d.float()
-            d_sq = d32 * d32
-            num = dot64(fisher[key].float(), d_sq)
+            d64 = d.double()  # converted once per module; d² is exact in float64
+            d_sq = d64 * d64
+            num = dot64(fisher[key], d_sq)
             den = num
             if self.num_tasks:
                 phi, psi = self.phi[key], self.psi[key]
-                num += dot64(torch.addcmul(psi, phi, merged_prev[key].float(), value=-1.0), d32)  # Ψ − Φ⊙θ̂
+                num += dot64(torch.addcmul(psi, phi, merged_prev[key].float(), value=-1.0), d64)  # Ψ − Φ⊙θ̂
                 den += dot64(phi, d_sq)
             out[key] = (num, den)
         return out
