@@ -154,23 +154,30 @@ def _encode_classification(
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}, truncated
 
 
+def prompt_ids(
+    tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_length: int, stats: TruncationStats | None = None
+) -> list[list[int]]:
+    """Each row's prompt ids (prompts longer than max_length keep their end, with a warning)."""
+    prompts = [_ids(tokenizer, format_prompt(tokenizer, r)) for r in rows]
+    truncated = sum(len(p) > max_length for p in prompts)
+    if stats is not None:
+        stats.add(len(rows), truncated)
+    _warn_truncated(truncated, len(rows), max_length)
+    return [p[-max_length:] for p in prompts]
+
+
 def encode_prompts(
     tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_length: int, stats: TruncationStats | None = None
 ) -> dict[str, Tensor]:
     """Left-padded prompt batch for generation (prompts longer than max_length keep their end)."""
     pad_id = pad_token_id(tokenizer)
-    prompts = [_ids(tokenizer, format_prompt(tokenizer, r)) for r in rows]
-    truncated = sum(len(p) > max_length for p in prompts)
-    prompts = [p[-max_length:] for p in prompts]
+    prompts = prompt_ids(tokenizer, rows, max_length=max_length, stats=stats)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         attention_mask[i, width - len(p) :] = 1
-    if stats is not None:
-        stats.add(len(rows), truncated)
-    _warn_truncated(truncated, len(rows), max_length)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from pm_ray.data.prompts import format_prompt
 from pm_ray.data.tokenize import IGNORE_INDEX, answer_ids, collate_pairs, fit_pair, pad_token_id
+from pm_ray.eval.prefix import PromptPrefix
 from pm_ray.eval.rows import chunks, model_device
 
 
@@ -42,9 +43,16 @@ def sequence_mean_logprob(logits: Tensor, labels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def choice_scores(
-    model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, max_length: int
+    model: nn.Module,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    batch_size: int,
+    max_length: int,
+    share_prefix: bool = True,
 ) -> list[list[float]]:
-    """Length-normalised log-likelihood of every choice of every row (prompt run once per row)."""
+    """Length-normalised log-likelihood of every choice of every row (prompt run once per row;
+    with ``share_prefix`` the prefix all prompts share runs once, eval/prefix.py)."""
     scores: list[list[float]] = [[] for _ in rows]
     cached: list[tuple[int, list[int], list[list[int]]]] = []
     fallback: list[int] = []
@@ -57,8 +65,11 @@ def choice_scores(
         else:  # fit_pair would cut this prompt per choice: score those pairs one by one
             fallback.append(i)
     cached.sort(key=lambda item: len(item[1]))  # similar prompt lengths per batch: less left padding
+    prefix = PromptPrefix([])
+    if share_prefix and cached:
+        prefix = PromptPrefix.build(model, [p for _, p, _ in cached], model_device(model))
     for batch in chunks(cached, batch_size):
-        for (i, _, _), row_scores in zip(batch, _cached_batch_scores(model, tokenizer, batch)):
+        for (i, _, _), row_scores in zip(batch, _cached_batch_scores(model, tokenizer, batch, prefix)):
             scores[i] = row_scores
     if fallback:
         for i, s in zip(
@@ -78,21 +89,22 @@ def packed_mask_supported(model: nn.Module) -> bool:
 
 
 def _cached_batch_scores(
-    model: nn.Module, tokenizer: Any, batch: list[tuple[int, list[int], list[list[int]]]]
+    model: nn.Module,
+    tokenizer: Any,
+    batch: list[tuple[int, list[int], list[list[int]]]],
+    prefix: PromptPrefix,
 ) -> list[list[float]]:
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
-    width = max(len(p) for _, p, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(batch), width), dtype=torch.bool)
-    for b, (_, p, _) in enumerate(batch):
-        input_ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[b, width - len(p) :] = True
+    # [shared prefix (cached)] [left padding] [the row's own prompt tokens]; no prefix: plain left padding
+    input_ids, full_mask, positions = prefix.pack([p for _, p, _ in batch], pad_id)
+    prompt_mask = full_mask.bool()
     lengths = prompt_mask.sum(-1)
     out = model(
         input_ids=input_ids.to(device),
-        attention_mask=prompt_mask.long().to(device),
-        position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0).to(device),
+        attention_mask=full_mask.to(device),
+        position_ids=positions.to(device),
+        past_key_values=prefix.cache_for(len(batch)),
         use_cache=True,
         logits_to_keep=1,
     )  # only the last position: it predicts the first token of every choice

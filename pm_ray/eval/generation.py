@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pm_ray.data.tokenize import encode_prompts, pad_token_id
+from pm_ray.data.tokenize import pad_token_id, prompt_ids
 from pm_ray.eval.normalize import exact_match
+from pm_ray.eval.prefix import PromptPrefix
 from pm_ray.eval.rows import chunks, model_device
 
 
@@ -21,18 +22,26 @@ def generate_answers(
     batch_size: int,
     max_new_tokens: int,
     max_prompt_length: int,
+    share_prefix: bool = True,
 ) -> list[str]:
-    """Greedy answers (special tokens dropped), at most `max_new_tokens` tokens each."""
+    """Greedy answers (special tokens dropped), at most `max_new_tokens` tokens each. With
+    ``share_prefix`` the prefix all prompts share runs once and each batch starts from its cache
+    (eval/prefix.py)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
+    prompts = prompt_ids(tokenizer, rows, max_length=max_prompt_length)
+    prefix = PromptPrefix.build(model, prompts, device) if share_prefix and prompts else PromptPrefix([])
     answers: list[str] = []
-    for batch_rows in chunks(rows, batch_size):
-        enc = encode_prompts(tokenizer, batch_rows, max_length=max_prompt_length)
+    for batch in chunks(prompts, batch_size):
+        own_ids, mask, _ = prefix.pack(batch, pad_id)  # generate derives positions from the mask
+        shared = torch.tensor(prefix.ids, dtype=torch.long).expand(len(batch), -1)
+        input_ids = torch.cat([shared, own_ids], dim=1)
         out = model.generate(
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            past_key_values=prefix.cache_for(len(batch)),  # generate runs only the tokens after it
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -46,7 +55,7 @@ def generate_answers(
             # loop keeps ranks in step itself, for every forward (pm_ray/train/zero3.py Lockstep)
             synced_gpus=False,
         )
-        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        new_tokens = out[:, input_ids.shape[1] :]
         answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 

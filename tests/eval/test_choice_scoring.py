@@ -116,34 +116,51 @@ def count_forwards(model):
     return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def test_cached_scorer_runs_two_forwards_per_batch_of_rows(lora_model):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_cached_scorer_runs_two_forwards_per_batch_of_rows(lora_model, share_prefix):
     """One forward of the prompts, one of all their choices packed over the prompts' cache, against
-    one sequence per (row, choice) in the reference."""
+    one sequence per (row, choice) in the reference. With the shared prefix (the chat template's
+    opening here) one more forward, of one sequence, comes first, and every prompt forward starts
+    from its cache."""
     model, tok = lora_model
     rows = varied_rows(10, seed=5)
     calls, handle = count_forwards(model)
     try:
-        choice_scores(model, tok, rows, batch_size=4, max_length=1024)
+        choice_scores(model, tok, rows, batch_size=4, max_length=1024, share_prefix=share_prefix)
     finally:
         handle.remove()
-    assert [cached for _, cached in calls] == [False, True] * 3
+    if share_prefix:
+        assert calls[0] == ((1, calls[0][0][1]), False) and calls[0][0][1] >= 8
+        calls = calls[1:]
+    assert [cached for _, cached in calls] == [share_prefix, True] * 3
     assert [shape[0] for shape, _ in calls] == [4, 4, 4, 4, 2, 2]
 
 
 def test_batched_generation_decodes_from_a_kv_cache():
     """`generate_answers` (HF generate with use_cache=True): after the prompt, each step feeds one
-    new token per row and the model gets the cache, even when the model's configs say otherwise."""
+    new token per row and the model gets the cache, even when the model's configs say otherwise.
+    With the shared prefix, it runs once first (one sequence) and each batch's prefill feeds only
+    the tokens after it, with the same answers."""
     model, tok = lora_tiny()
     model.generation_config.use_cache = model.config.use_cache = False  # as saved after training
     rows = [{"instruction": "Repeat " + "w " * i, "output": "x"} for i in range(5)]
-    calls, handle = count_forwards(model.get_base_model())
-    try:
-        generate_answers(model, tok, rows, batch_size=3, max_new_tokens=6, max_prompt_length=512)
-    finally:
-        handle.remove()
-    assert calls, "generate did not call the model"
-    prompt_calls = [c for c in calls if c[0][1] > 1]
-    assert len(prompt_calls) == 2  # one prefill per batch of rows (3 + 2)
+    runs = {}
+    for share_prefix in (False, True):
+        calls, handle = count_forwards(model.get_base_model())
+        try:
+            answers = generate_answers(
+                model, tok, rows, batch_size=3, max_new_tokens=6, max_prompt_length=512, share_prefix=share_prefix
+            )
+        finally:
+            handle.remove()
+        runs[share_prefix] = (calls, answers)
+    (prefix_batch, prefix_len), prefix_cached = runs[True][0][0]
+    assert prefix_batch == 1 and prefix_len >= 8 and not prefix_cached
+    assert runs[True][1] == runs[False][1]
+    prefills = {k: [c[0][1] for c in (calls[1:] if k else calls) if c[0][1] > 1] for k, (calls, _) in runs.items()}
+    assert len(prefills[False]) == 2  # one prefill per batch of rows (3 + 2)
+    assert prefills[True] == [width - prefix_len for width in prefills[False]]
+    calls = runs[False][0]
     steps = [c for c in calls if c[0][1] == 1]
     assert steps and all(cached for _, cached in steps)
     assert len(calls) > 2
