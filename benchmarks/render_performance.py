@@ -200,9 +200,9 @@ def render() -> str:
     parts = [
         "Machine: a shared 2-core x86_64 CPU VM (23 GiB, no GPU), 2 torch threads, torch "
         + ", ".join(torches)
-        + ". Other work shared the 2 cores during every measurement "
-        f"({load_text}; up to 15 seen meanwhile): absolute times are slow and noisy, ratios come from interleaved pairs. "
-        "Cells are min / median.",
+        + f". The older result files were measured while other work shared the 2 cores ({load_text}, "
+        "each file's own in its machine field): absolute times are slow and noisy, ratios come from interleaved "
+        "pairs. Cells are min / median.",
         "",
         "**Training throughput** (tokens/s, pm-ray's worker step on engine `single` vs a plain PEFT + AdamW loop)",
         "",

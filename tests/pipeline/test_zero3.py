@@ -4,12 +4,16 @@ model.dtype=bfloat16 against float32 (docs/scale.md)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+from pathlib import Path
 
 import pytest
 
 from pm_ray.config import config_from_dict
 from pm_ray.pipeline import run_continual
-from tinyconfig import tiny_config
+from runcli import cli, finish, read_state, wait_for
+from tinyconfig import tiny_config, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -18,18 +22,23 @@ def state_of(summary) -> dict:
     return json.loads((summary.run_dir / "state.json").read_text())
 
 
+def zero_config(runs: Path, stage: int) -> dict:
+    """A 3-task tiny:llama stream on 2 CPU workers. 7 Fisher rows (4 + 3 per rank, batches of 2)
+    and 7 eval rows per task make the ranks' shards unequal."""
+    return tiny_config(
+        runs,
+        trainer={"engine": "deepspeed", "num_workers": 2, "zero_stage": stage},
+        fisher={"num_samples": 7, "batch_size": 2},
+        eval={"max_rows": 7, "max_new_tokens": 4, "batch_size": 2},
+    )
+
+
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory, ray_session):
-    """The same 3-task tiny:llama stream under ZeRO-2 and ZeRO-3, 2 CPU workers each. 7 Fisher rows
-    (4 + 3 per rank, batches of 2) and 7 eval rows per task make the ranks' shards unequal."""
+    """The same stream under ZeRO-2 and ZeRO-3."""
     out = {}
     for stage in (2, 3):
-        cfg = tiny_config(
-            tmp_path_factory.mktemp(f"zero{stage}"),
-            trainer={"engine": "deepspeed", "num_workers": 2, "zero_stage": stage},
-            fisher={"num_samples": 7, "batch_size": 2},
-            eval={"max_rows": 7, "max_new_tokens": 4, "batch_size": 2},
-        )
+        cfg = zero_config(tmp_path_factory.mktemp(f"zero{stage}"), stage)
         out[stage] = state_of(run_continual(config_from_dict(cfg), config_stem=f"zero{stage}", quiet=True))
     return out
 
@@ -52,6 +61,30 @@ def test_zero3_partitions_the_base_weights(zero_runs) -> None:
         assert full > 0
         assert resident == pytest.approx(full / 2, rel=0.01)
     assert "base_resident_bytes" not in zero_runs[2]["diagnostics"][0]
+
+
+def test_zero3_resumes_after_a_driver_kill(tmp_path, zero_runs) -> None:
+    """`pm-ray run` under stage 3 killed (SIGKILL to its whole session) after task 1 commits; the
+    same command resumes: W0 is gathered again and W0 + the merged delta folded module by module
+    into the partitions, and the run ends with the uninterrupted stage-3 run's α's and matrix."""
+    config = write_config(tmp_path / "zero3.yaml", zero_config(tmp_path / "runs", 3))
+    run_dir = tmp_path / "runs" / "killed"
+    proc = cli(config, "storage.run_name=killed")
+    wait_for(
+        lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1,
+        240,
+        "task 1 to commit",
+        proc,
+    )
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = read_state(run_dir)
+    assert 1 <= killed["completed"] < 3, "the kill must land between tasks, not after the run"
+    finish(cli(config, "storage.run_name=killed"))
+    resumed, reference = read_state(run_dir), zero_runs[3]
+    assert resumed["completed"] == 3
+    assert resumed["alphas"] == pytest.approx(reference["alphas"], abs=1e-9)
+    assert resumed["accuracy"] == reference["accuracy"]
 
 
 @pytest.fixture(scope="module")
