@@ -101,6 +101,9 @@ class MergeSection(Section):
     strategy: str = "pm"
     options: dict[str, Any] = {}  # strategy constructor options, e.g. {per_module: true}, {lam: 0.5}
     shards: int = Field(1, ge=1)  # merge actors, each owning a slice of the modules
+    # default: Ray's default scheduling (beside the driver while it has room); spread: shard k on the
+    # k-th alive node (pinned; recreated elsewhere if that node dies), so no node holds all the merge state
+    shard_placement: Literal["default", "spread"] = "default"
 
     @field_validator("strategy")
     @classmethod
@@ -153,6 +156,10 @@ class TrainerSection(Section):
     deepspeed_config: dict[str, Any] | str | None = None  # inline dict or a JSON file path
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Ray Train's ScalingConfig.placement_strategy for the worker group's placement group: PACK (Ray's
+    # default) fills one node first; SPREAD puts workers on distinct nodes where it can (soft: after a
+    # node failure the group restarts on the nodes left); the STRICT_ forms refuse to place otherwise.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     batch_size: int = Field(8, ge=1)  # per worker
     lr: float = Field(1e-3, ge=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -191,6 +191,7 @@ def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], stop: StopReq
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
+            placement_strategy=cfg.trainer.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
         run_config=RayRunConfig(
@@ -241,7 +242,12 @@ def run_continual(cfg: RunConfig, *, config_stem: str = "run", quiet: bool = Fal
         init_ray(cfg)
         tracking = _start_tracking(cfg, run, state)
         actors = create_merge_actors(
-            run_name, cfg.merge.strategy, cfg.merge.options, cfg.merge.shards, str(run.stats_dir)
+            run_name,
+            cfg.merge.strategy,
+            cfg.merge.options,
+            cfg.merge.shards,
+            str(run.stats_dir),
+            cfg.merge.shard_placement,
         )
         loop_config = {
             "config": cfg.model_dump(mode="json"),

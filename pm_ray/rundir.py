@@ -32,7 +32,12 @@ STATE_VERSION = 1
 
 # Fields that may differ between the first run and a resume without changing the results.
 RESUME_FREE_FIELDS = {"storage", "tracking", "ray", "eval"}
-RESUME_FREE_TRAINER_FIELDS = {"max_failures", "log_every"}
+# fields that do not change a run's results: where it runs and how it reports (a resumed run may
+# land on another cluster shape)
+RESUME_FREE_SECTION_FIELDS = {
+    "trainer": {"max_failures", "log_every", "placement_strategy"},
+    "merge": {"shard_placement"},
+}
 
 
 @dataclass
@@ -142,8 +147,9 @@ def config_fingerprint(config: RunConfig) -> str:
     data = config.model_dump(mode="json")
     for key in RESUME_FREE_FIELDS:
         data.pop(key, None)
-    for key in RESUME_FREE_TRAINER_FIELDS:
-        data["trainer"].pop(key, None)
+    for section, keys in RESUME_FREE_SECTION_FIELDS.items():
+        for key in keys:
+            data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,7 +228,7 @@ class RunDir:
             for section, values in new.items()
             if section not in RESUME_FREE_FIELDS and isinstance(values, dict)
             for key, value in values.items()
-            if old.get(section, {}).get(key) != value and key not in RESUME_FREE_TRAINER_FIELDS
+            if old.get(section, {}).get(key) != value and key not in RESUME_FREE_SECTION_FIELDS.get(section, ())
         ]
         raise ConfigError(
             f"{self.path}: this run directory was started with a different config ({'; '.join(diffs)}); "

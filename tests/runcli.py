@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def cli(config: Path, *overrides: str) -> subprocess.Popen:
@@ -28,13 +30,23 @@ def read_state(run_dir: Path) -> dict:
     return json.loads((run_dir / "state.json").read_text())
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> Any:
+    """The predicate's first true value; fails when `proc` exits first (with its output: its stdout
+    pipe, or the file `log` it writes to) or after `timeout` seconds."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if predicate():
-            return
+        value = predicate()
+        if value:
+            return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+            text = log.read_text() if log is not None else proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}:\n{text}")
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 

@@ -127,3 +127,17 @@ def test_orthogonal_training_is_a_strategy_or_the_option() -> None:
     assert combined.orthogonal_training() and combined.orthogonal.lam == 2.0
     assert not load_config(None, ["merge.strategy=pm", "orthogonal.lam=2"]).orthogonal_training()
     assert config_from_dict(olora.model_dump(mode="json")) == olora  # round trip (the workers' copy)
+
+
+def test_placement_options_are_checked_at_load() -> None:
+    cfg = load_config(None)
+    assert cfg.trainer.placement_strategy == "PACK" and cfg.merge.shard_placement == "default"  # Ray's defaults
+    cfg = load_config(None, ["trainer.placement_strategy=SPREAD", "merge.shard_placement=spread"])
+    assert cfg.trainer.placement_strategy == "SPREAD" and cfg.merge.shard_placement == "spread"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["trainer.placement_strategy=spread"])
+    assert "trainer.placement_strategy: Input should be 'PACK', 'SPREAD', 'STRICT_PACK' or 'STRICT_SPREAD'" in str(
+        err.value
+    )
+    with pytest.raises(ConfigError, match=r"merge.shard_placement: Input should be 'default' or 'spread'"):
+        load_config(None, ["merge.shard_placement=SPREAD"])

@@ -12,8 +12,9 @@ task, and :meth:`MergeShard.sync` reloads exactly those after a crash or a resum
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ray
 
@@ -89,31 +90,122 @@ class MergeShard:
     def num_tasks(self) -> int:
         return self.strategy.num_tasks
 
+    def node_id(self) -> str:
+        """The Ray node this shard lives on (placement diagnostics; also a liveness ping)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 RemoteMergeShard = ray.remote(num_cpus=0, max_restarts=0)(MergeShard)
 
+ShardPlacement = Literal["default", "spread"]
 
-def actor_name(run_name: str, shard: int) -> str:
-    return f"pm-ray-merge:{run_name}:{shard}"
+
+def actor_name(run_name: str, shard: int, generation: int = 0) -> str:
+    """A shard recreated after its actor died takes the next generation's name: the GCS keeps
+    resolving the dead actor's name (to the dead actor) while the driver that created it lives."""
+    return f"pm-ray-merge:{run_name}:{shard}" + (f":g{generation}" if generation else "")
+
+
+def _create_shard(
+    name: str,
+    strategy: str,
+    options: dict[str, Any],
+    shard: int,
+    num_shards: int,
+    stats_dir: str,
+    placement: ShardPlacement,
+) -> Any:
+    return RemoteMergeShard.options(
+        name=name, get_if_exists=True, scheduling_strategy=_shard_scheduling(shard, placement)
+    ).remote(strategy, options, shard, num_shards, stats_dir)
+
+
+def _shard_scheduling(shard: int, placement: ShardPlacement) -> Any:
+    """spread: shard k on the k-th node alive now (by node id, modulo the node count). Neither Ray's
+    "SPREAD" nor a soft node affinity placed these actors, which need no resources (num_cpus=0),
+    reliably: in the 2-node test each put both shards on one node. A hard affinity can only fail when
+    that node dies, and then :func:`ensure_merge_actors` recreates the shard on a node still alive."""
+    if placement == "default":
+        return "DEFAULT"
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    return NodeAffinitySchedulingStrategy(node_id=nodes[shard % len(nodes)], soft=False)
 
 
 def create_merge_actors(
-    run_name: str, strategy: str, options: dict[str, Any], num_shards: int, stats_dir: str
+    run_name: str,
+    strategy: str,
+    options: dict[str, Any],
+    num_shards: int,
+    stats_dir: str,
+    placement: ShardPlacement = "default",
 ) -> list[Any]:
     """Named actors for this run (get_if_exists: a second driver of the same run reuses them)."""
     return [
-        RemoteMergeShard.options(name=actor_name(run_name, k), get_if_exists=True).remote(
-            strategy, options, k, num_shards, stats_dir
-        )
+        _create_shard(actor_name(run_name, k), strategy, options, k, num_shards, stats_dir, placement)
         for k in range(num_shards)
     ]
+
+
+def ensure_merge_actors(
+    run_name: str,
+    strategy: str,
+    options: dict[str, Any],
+    num_shards: int,
+    stats_dir: str,
+    placement: ShardPlacement = "default",
+    timeout_s: float = 120.0,
+) -> list[tuple[str, Any]]:
+    """(name, handle) of a live actor for every shard, recreating the shards that died since the
+    driver created them, e.g. with their node. They have max_restarts=0 (a restarted actor would come
+    back empty and answer as if it held the state), so a worker group that Ray Train restarts calls
+    this first; :meth:`MergeClient.sync` then reloads a recreated shard from the state files of the
+    last committed task.
+
+    Shard k's generations are tried in order: a live one is used, a dead one (RayActorError) passes
+    to the next, a free name gets a new actor. A recreated shard is owned by the caller (the new
+    rank-0 worker) and dies with it, or with its last handle (named or not, a non-detached actor is
+    reference counted): the caller keeps the handles while it uses the shards. An actor on a node
+    that died but is not yet declared dead does not answer: it is pinged again until it is."""
+    deadline = time.monotonic() + timeout_s
+    shards: list[tuple[str, Any]] = []
+    for k in range(num_shards):
+        generation = 0
+        while True:
+            name = actor_name(run_name, k, generation)
+            try:
+                handle = ray.get_actor(name)
+            except ValueError:  # a free name
+                handle = _create_shard(name, strategy, options, k, num_shards, stats_dir, placement)
+            try:
+                ray.get(handle.node_id.remote(), timeout=10)
+                shards.append((name, handle))
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"merge shard {name}: no live actor within {timeout_s:.0f} s ({err})") from err
+                if isinstance(err, ray.exceptions.RayActorError):
+                    generation += 1
+    return shards
 
 
 class MergeClient:
     """Used by the trainer workers: routes modules to shards and runs the two-phase solve."""
 
-    def __init__(self, run_name: str, num_shards: int, strategy: str, options: dict[str, Any]) -> None:
-        self.handles = [ray.get_actor(actor_name(run_name, k)) for k in range(num_shards)]
+    def __init__(
+        self,
+        run_name: str,
+        num_shards: int,
+        strategy: str,
+        options: dict[str, Any],
+        names: list[str] | None = None,
+        handles: list[Any] | None = None,
+    ) -> None:
+        """The shards' actors: ``handles``, else those named ``names`` (both from
+        :func:`ensure_merge_actors`), else the driver's (:func:`create_merge_actors`)."""
+        names = names or [actor_name(run_name, k) for k in range(num_shards)]
+        self.handles = handles or [ray.get_actor(name) for name in names]
         self.num_shards = num_shards
         self.strategy = build_strategy(strategy, **options)  # what it is (flags), and its α solve
 
@@ -158,6 +250,10 @@ class MergeClient:
         elif alpha is None:
             alpha = results[0]["alpha"]
         return {"alpha": alpha, "state_files": [r["state_file"] for r in results]}
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of each shard, by shard index."""
+        return ray.get([h.node_id.remote() for h in self.handles])
 
     def current(self) -> tuple[TensorDict, TensorDict]:
         merged: TensorDict = {}

@@ -55,6 +55,15 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value`` (a small picklable object), by rank, on every rank."""
+    if not is_distributed():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

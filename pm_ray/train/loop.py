@@ -19,6 +19,7 @@ import math
 import time
 from typing import Any
 
+import ray
 import torch
 
 from pm_ray import interrupt
@@ -29,16 +30,18 @@ from pm_ray.core.perturbation import Perturbation
 from pm_ray.core.strategies import build_strategy
 from pm_ray.data.tokenize import batch_iterator, fisher_batches
 from pm_ray.eval import evaluate_task
-from pm_ray.merge.actor import MergeClient
+from pm_ray.merge.actor import MergeClient, ensure_merge_actors
 from pm_ray.models.backbone import DTYPES
 from pm_ray.models.lora import attach_lora
 from pm_ray.rundir import RunDir
 from pm_ray.tracking import task_tracker
 from pm_ray.train import checkpoints, zero3
 from pm_ray.train.engine import (
+    all_gather_object,
     all_reduce_sum,
     autocast_device,
     barrier,
+    broadcast_object,
     build_engine,
     compute_precision,
     deepspeed_config,
@@ -116,9 +119,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     state = run.read_state()
     tasks = run.load_tasks(state)
-    client = MergeClient(state.run_name, cfg.merge.shards, cfg.merge.strategy, cfg.merge.options)
+    # a shard lost with its node is recreated here (rank 0 chooses and holds the handles that keep it
+    # alive, the other ranks look the same actors up by name), and restored from its files by sync
+    shards = (
+        ensure_merge_actors(
+            state.run_name,
+            cfg.merge.strategy,
+            cfg.merge.options,
+            cfg.merge.shards,
+            str(run.stats_dir),
+            cfg.merge.shard_placement,
+        )
+        if rank == 0
+        else []
+    )
+    names = broadcast_object([name for name, _ in shards])
+    handles = [handle for _, handle in shards] or None
+    client = MergeClient(state.run_name, cfg.merge.shards, cfg.merge.strategy, cfg.merge.options, names, handles)
     if rank == 0:
         client.sync(state.completed, state.stats_files)  # drop any merge not committed in state.json
+    # where this worker group runs (one entry per rank), recorded with every task it commits
+    worker_nodes: list[str] = all_gather_object(ray.get_runtime_context().get_node_id())
     barrier()
     tracker = task_tracker(loop_config, cfg) if rank == 0 else None
 
@@ -264,7 +285,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.alphas.append(merge_info["alpha"])
             state.accuracy.append(row)
             state.diagnostics.append(
-                {"task": t, **diag, **progress.finish(), "task_s": time.time() - t_start, "final_loss": losses[-1]}
+                {
+                    "task": t,
+                    **diag,
+                    **progress.finish(),
+                    "task_s": time.time() - t_start,
+                    "final_loss": losses[-1],
+                    "worker_nodes": worker_nodes,
+                    "merge_nodes": client.node_ids(),
+                }
             )
             state.stats_files = merge_info["state_files"]
             state.wall_s += time.time() - t_start
