@@ -151,7 +151,8 @@ def precision_rows() -> list[list[str]]:
     rows = []
     for part, label in (("train", "training step"), ("mc_scoring", "choice scoring"), ("generation", "generation")):
         r = d[part]
-        size = "x".join(map(str, r["batch"])) if part == "train" else f"{r['rows']} rows"
+        batch = "x".join(map(str, r.get("batch", [])))
+        size = f"{r['steps_per_block']} steps of {batch}" if part == "train" else f"{r['rows']} rows"
         if part == "train":
             agree = f"loss {r['last_loss']['fp32']:.4f} vs {r['last_loss']['bf16-mixed']:.4f}"
         elif part == "mc_scoring":
