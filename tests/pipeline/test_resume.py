@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.mark.parametrize("strategy,options", [("pm", {}), ("trm", {"steps": 4, "snapshots": 2})])
 def test_driver_killed_between_tasks_resumes_identically(tmp_path, strategy, options) -> None:
     cfg = tiny_config(
-        tmp_path / "runs", trainer={"steps_per_task": 30}, merge={"strategy": strategy, "options": options}
+        tmp_path / "runs", trainer={"steps_per_task": 20}, merge={"strategy": strategy, "options": options}
     )
     config = write_config(tmp_path / "resume.yaml", cfg)
     finish(cli(config, "storage.run_name=reference"))
@@ -55,7 +55,7 @@ def test_ctrl_c_or_sigterm_stops_ray_cleanly_and_the_same_command_resumes(tmp_pa
     process of the run left, the committed tasks intact, and the same command finishes the run."""
     workers = {"engine": engine, "num_workers": 1 if engine == "single" else 2}
     config = write_config(
-        tmp_path / "stop.yaml", tiny_config(tmp_path / "runs", trainer={"steps_per_task": 40, **workers})
+        tmp_path / "stop.yaml", tiny_config(tmp_path / "runs", trainer={"steps_per_task": 24, **workers})
     )
     run_dir = tmp_path / "runs" / "stopped"
     proc = cli(config, "storage.run_name=stopped")

@@ -57,7 +57,7 @@ def test_second_node_killed_mid_task_the_job_finishes_on_the_head(tmp_path) -> N
         trainer={
             "engine": "ddp",
             "num_workers": 2,
-            "steps_per_task": 40,
+            "steps_per_task": 30,
             "log_every": 1,  # progress.json every step: the kill below lands inside task 2's training
             "max_failures": 2,
             "placement_strategy": "SPREAD",
