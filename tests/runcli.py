@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,3 +56,23 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out
     return out
+
+
+def wait_for_first_commit(run_dir: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until the run in `run_dir` has committed task 1 (fails if `proc` exits first)."""
+    wait_for(
+        lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1,
+        timeout,
+        "task 1 to commit",
+        proc,
+    )
+
+
+def kill_after_first_commit(config: Path, run_dir: Path) -> dict:
+    """`pm-ray run` into `run_dir` (storage.run_name = its name), SIGKILLed with its whole session
+    once task 1 is committed; the state.json it left."""
+    proc = cli(config, f"storage.run_name={run_dir.name}")
+    wait_for_first_commit(run_dir, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return read_state(run_dir)

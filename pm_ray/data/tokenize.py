@@ -166,18 +166,23 @@ def prompt_ids(
     return [p[-max_length:] for p in prompts]
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) [B, longest]: each sequence at the right end of its row."""
+    width = max(len(q) for q in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        input_ids[i, width - len(q) :] = torch.tensor(list(q), dtype=torch.long)
+        attention_mask[i, width - len(q) :] = 1
+    return input_ids, attention_mask
+
+
 def encode_prompts(
     tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_length: int, stats: TruncationStats | None = None
 ) -> dict[str, Tensor]:
     """Left-padded prompt batch for generation (prompts longer than max_length keep their end)."""
-    pad_id = pad_token_id(tokenizer)
     prompts = prompt_ids(tokenizer, rows, max_length=max_length, stats=stats)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, width - len(p) :] = 1
+    input_ids, attention_mask = left_pad(prompts, pad_token_id(tokenizer))
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 

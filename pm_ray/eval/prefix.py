@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pm_ray.data.tokenize import left_pad
+
 MIN_SHARED_TOKENS = 8  # below this, one more forward per task costs more than it saves
 
 
@@ -76,13 +78,7 @@ class PromptPrefix:
         """(input_ids [B, W] of the rows' own tokens, left-padded; attention_mask [B, L + W] over
         the prefix and them; position_ids [B, W])."""
         n = len(self.ids)
-        own = [list(p[n:]) for p in prompts]
-        width = max(len(o) for o in own)
-        input_ids = torch.full((len(own), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(own), width), dtype=torch.long)
-        for b, o in enumerate(own):
-            input_ids[b, width - len(o) :] = torch.tensor(o, dtype=torch.long)
-            mask[b, width - len(o) :] = 1
+        input_ids, mask = left_pad([p[n:] for p in prompts], pad_id)
         positions = n + (mask.cumsum(-1) - 1).clamp(min=0)
-        full_mask = torch.cat([torch.ones((len(own), n), dtype=torch.long), mask], dim=1)
+        full_mask = torch.cat([torch.ones((len(prompts), n), dtype=torch.long), mask], dim=1)
         return input_ids, full_mask, positions

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from runcli import cli, finish, read_state, wait_for
+from runcli import cli, finish, kill_after_first_commit, read_state, wait_for_first_commit
 from tinyconfig import tiny_config, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -27,16 +27,7 @@ def test_driver_killed_between_tasks_resumes_identically(tmp_path, strategy, opt
     reference = read_state(tmp_path / "runs" / "reference")
 
     run_dir = tmp_path / "runs" / "crashed"
-    proc = cli(config, "storage.run_name=crashed")
-    wait_for(
-        lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1,
-        240,
-        "task 1 to commit",
-        proc,
-    )
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted = read_state(run_dir)
+    interrupted = kill_after_first_commit(config, run_dir)
     assert 1 <= interrupted["completed"] < 3, "the kill must land between tasks, not after the run"
 
     out = finish(cli(config, "storage.run_name=crashed"))
@@ -59,12 +50,7 @@ def test_ctrl_c_or_sigterm_stops_ray_cleanly_and_the_same_command_resumes(tmp_pa
     )
     run_dir = tmp_path / "runs" / "stopped"
     proc = cli(config, "storage.run_name=stopped")
-    wait_for(
-        lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1,
-        240,
-        "task 1 to commit",
-        proc,
-    )
+    wait_for_first_commit(run_dir, proc)
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
     else:

@@ -4,15 +4,13 @@ model.dtype=bfloat16 against float32 (docs/scale.md)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 
 from pm_ray.config import config_from_dict
 from pm_ray.pipeline import run_continual
-from runcli import cli, finish, read_state, wait_for
+from runcli import cli, finish, kill_after_first_commit, read_state
 from tinyconfig import tiny_config, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -69,16 +67,7 @@ def test_zero3_resumes_after_a_driver_kill(tmp_path, zero_runs) -> None:
     into the partitions, and the run ends with the uninterrupted stage-3 run's α's and matrix."""
     config = write_config(tmp_path / "zero3.yaml", zero_config(tmp_path / "runs", 3))
     run_dir = tmp_path / "runs" / "killed"
-    proc = cli(config, "storage.run_name=killed")
-    wait_for(
-        lambda: (run_dir / "state.json").exists() and read_state(run_dir)["completed"] >= 1,
-        240,
-        "task 1 to commit",
-        proc,
-    )
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed = read_state(run_dir)
+    killed = kill_after_first_commit(config, run_dir)
     assert 1 <= killed["completed"] < 3, "the kill must land between tasks, not after the run"
     finish(cli(config, "storage.run_name=killed"))
     resumed, reference = read_state(run_dir), zero_runs[3]
