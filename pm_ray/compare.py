@@ -1,6 +1,7 @@
 """`pm-ray compare SPEC.yaml [--seeds 0,1,2]`: the same stream under several strategies and seeds.
 
     base: quickstart.yaml                      # a run config, relative to the spec file
+    overrides: {tasks.variant: full}           # optional; applied to every entry, before its own
     seeds: [0, 1, 2]                           # optional; --seeds overrides it
     strategies:
       sequential: {merge.strategy: sequential, perturbation.mode: none}
@@ -27,11 +28,12 @@ from pm_ray.config import ConfigError, RunConfig, load_config, read_yaml_mapping
 from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.preflight import check_run
 
-SPEC_KEYS = {"base", "strategies", "seeds"}
+SPEC_KEYS = {"base", "overrides", "strategies", "seeds"}
 
 
 class Spec(NamedTuple):
     base: Path
+    overrides: dict[str, Any]  # the spec's common overrides: every entry gets them, then its own
     strategies: dict[str, dict[str, Any]]
     seeds: list[int] | None
 
@@ -67,7 +69,7 @@ def load_spec(path: Path) -> Spec:
     if not isinstance(spec, dict) or set(spec) - SPEC_KEYS or "base" not in spec or "strategies" not in spec:
         raise ConfigError(
             f"{path}: expected the keys 'base' (a run config) and 'strategies' (name -> overrides), "
-            f"optionally 'seeds' (a list); got {sorted(spec) if isinstance(spec, dict) else spec!r}"
+            f"optionally 'overrides' (dotted key -> value) and 'seeds' (a list); got {sorted(spec) if isinstance(spec, dict) else spec!r}"
         )
     strategies = spec["strategies"]
     if not isinstance(strategies, dict) or not strategies:
@@ -75,8 +77,11 @@ def load_spec(path: Path) -> Spec:
     for name, overrides in strategies.items():
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: strategies.{name} must be a dict of dotted overrides, got {overrides!r}")
+    common = spec.get("overrides", {})
+    if not isinstance(common, dict):
+        raise ConfigError(f"{path}: 'overrides' must be a dict of dotted overrides, got {common!r}")
     seeds = _check_seeds(spec["seeds"], f"{path}: seeds") if "seeds" in spec else None
-    return Spec((path.parent / spec["base"]).resolve(), strategies, seeds)
+    return Spec((path.parent / spec["base"]).resolve(), common, strategies, seeds)
 
 
 def plan_runs(
@@ -89,6 +94,7 @@ def plan_runs(
     if seeds is not None:
         clash = [o for o in overrides if o.split("=", 1)[0].strip() == "trainer.seed"]
         clash += [f"strategies.{n}" for n, entry in spec.strategies.items() if "trainer.seed" in entry]
+        clash += ["overrides"] if "trainer.seed" in spec.overrides else []
         if clash:
             raise ConfigError(
                 f"{spec_path}: trainer.seed is set by {', '.join(clash)} but the comparison has seeds {seeds}; "
@@ -96,7 +102,8 @@ def plan_runs(
             )
     plan: dict[str, list[tuple[int, RunConfig]]] = {}
     for name, entry in spec.strategies.items():
-        extra = [f"{key}={json.dumps(value)}" for key, value in entry.items()]
+        # applied after the command line's: the spec's common overrides, then the entry's own
+        extra = [f"{key}={json.dumps(value)}" for key, value in {**spec.overrides, **entry}.items()]
         plan[name] = []
         for seed in seeds if seeds is not None else [None]:
             if seed is None:

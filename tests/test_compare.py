@@ -119,3 +119,14 @@ def test_spec_seeds_validation_and_seed_clash(tmp_path) -> None:
         plan_runs(spec, ["trainer.seed=4"])
     single = plan_runs(write_spec(tmp_path, seeds=[5]), [])[1]
     assert single["pm"][0][1].storage.run_name == "compare-pm" and single["pm"][0][1].trainer.seed == 5
+
+
+def test_spec_common_overrides_reach_every_entry(tmp_path) -> None:
+    spec = write_spec(tmp_path, overrides={"eval.max_rows": 7, "merge.strategy": "average"})
+    _, plan = plan_runs(spec, [])
+    assert {name: cfg.eval.max_rows for name, [(_, cfg)] in plan.items()} == {"sequential": 7, "pm": 7}
+    assert plan["pm"][0][1].merge.strategy == "pm"  # the entry's own override wins over the common one
+    with pytest.raises(ConfigError, match="'overrides' must be a dict"):
+        plan_runs(write_spec(tmp_path, overrides=["eval.max_rows=7"]), [])
+    with pytest.raises(ConfigError, match="trainer.seed is set by overrides"):
+        plan_runs(write_spec(tmp_path, overrides={"trainer.seed": 3}, seeds=[0, 1]), [])

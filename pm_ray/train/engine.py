@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,27 @@ class Engine:
         self.closed = True
 
 
+def use_environment_torch_extensions() -> str | None:
+    """Keep DeepSpeed's compiled ops (the CPU shm all-reduce) inside this virtualenv.
+
+    torch builds JIT extensions under ``~/.cache/torch_extensions`` by default, one directory per op
+    for every Python environment of the user: two virtualenvs at different paths (a checkout and its
+    CI clone) then rebuild the op over each other's build (~25 s on 2 cores) on every first use.
+    ``$TORCH_EXTENSIONS_DIR`` set by the user wins; outside a virtualenv the default stays.
+    """
+    if sys.prefix != sys.base_prefix:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
+
+def build_native_ops() -> None:
+    """Compile DeepSpeed's CPU shm comm op now (``make native-ops``), where every run will look for it."""
+    use_environment_torch_extensions()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def build_engine(
     cfg: TrainerSection, model: torch.nn.Module, params: list[torch.nn.Parameter], bf16: bool = False
 ) -> Engine:
@@ -185,6 +208,7 @@ def build_engine(
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
     autocast = autocast_device(cfg, bf16)
     if cfg.engine == "deepspeed":
+        use_environment_torch_extensions()  # before DeepSpeed's comm backend loads its shm op
         import deepspeed
 
         _, world_size = world()

@@ -45,6 +45,7 @@ from pm_ray.train.engine import (
     build_engine,
     compute_precision,
     deepspeed_config,
+    use_environment_torch_extensions,
     world,
 )
 from pm_ray.train.merge_step import merge_task
@@ -112,6 +113,7 @@ def new_adapter(model: Any, cfg: RunConfig, task: int, previous: str | None) -> 
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    use_environment_torch_extensions()  # before ZeRO-3's model build or the engine loads DeepSpeed's ops
     cfg = RunConfig.model_validate(loop_config["config"])
     run = RunDir(loop_config["run_dir"])
     rank, world_size = world()

@@ -1,0 +1,54 @@
+"""The ranking section's goal table, from synthetic run records: each criterion against a hand check."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from pm_ray.compare_results import build_payload
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling doc_blocks
+_spec = importlib.util.spec_from_file_location("render_rank_results", ROOT / "benchmarks" / "render_rank_results.py")
+rrr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rrr)
+
+
+def run(strategy: str, seed: int, acc: float, aaa: float, forgetting: float) -> dict:
+    return {
+        "seed": seed,
+        "run_name": f"compare-{strategy}-seed{seed}",
+        "strategy": strategy,
+        "acc": acc,
+        "aaa": aaa,
+        "forgetting": forgetting,
+        "bwt": -forgetting,
+        "alphas": [1.0, 0.5],
+        "wall_s": 1.0,
+        "test_rows": {"a": 200, "b": 200},
+        "accuracy": [[0.5], [0.4, 0.5]],
+        "tasks": ["a", "b"],
+        "data_hashes": {"1-a": "h1", "2-b": "h2"},
+    }
+
+
+def test_goal_rows_check_each_criterion() -> None:
+    runs = {
+        "sequential": [run("sequential", s, 0.30 + s / 100, 0.50, 0.40) for s in range(3)],
+        # pm: ACC above sequential by 0.05 every seed (interval excludes 0), AAA below, forgetting 0.1 = 1/4
+        "pm": [run("pm", s, 0.35 + s / 100, 0.45 + s / 100, 0.10) for s in range(3)],
+        # the variant: ACC equal on average, forgetting 0.3 (3/4 of sequential), clearly above pm's
+        "fisher_elementwise": [
+            run("fisher_elementwise", s, acc, 0.55, 0.30 + s / 1000) for s, acc in enumerate((0.29, 0.31, 0.33))
+        ],
+    }
+    payload = build_payload("rank", [0, 1, 2], runs)
+    pm, fe = rrr.goal_rows(payload, ["pm", "fisher_elementwise"])
+    assert pm[0] == "pm" and pm[1].startswith("+0.050") and "(excludes 0) met" in pm[1]
+    assert pm[2].endswith("missed") and pm[3] == "0.25 met" and pm[4] == "-"
+    assert fe[1].startswith("+0.000") and fe[1].endswith(" met") and "excludes" not in fe[1]
+    assert fe[2].startswith("+0.050") and fe[3] == "0.75 missed"
+    assert fe[4].startswith("+0.201") and fe[4].endswith("(excludes 0) missed")
+    block = rrr.render(payload, wall_s=7200.0, machine="test box", candidates=["pm"])
+    assert "measured in 2.0 h on test box: 3 seeds (0, 1, 2)" in block and "#### Summary" in block
