@@ -8,6 +8,7 @@ saves in one training forward (saved_tensors_hooks), in the three dtype regimes 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,3 +202,26 @@ def test_table_covers_every_case_and_zero3_divides_the_backbone() -> None:
             assert zero2["per_gpu"]["base_weights"] / r["per_gpu"]["base_weights"] == pytest.approx(
                 r["world"], rel=1e-3
             )
+
+
+def load_renderer() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the renderer imports its sibling doc_blocks
+    spec = importlib.util.spec_from_file_location("render_scale_doc", ROOT / "benchmarks" / "render_scale_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_doc_block_is_what_the_committed_json_renders(tmp_path: Path) -> None:
+    """docs/scale.md's generated block comes from benchmarks/results/scale_memory.json, and that JSON
+    is what the script computes with its defaults (no hand-typed or stale figures)."""
+    render = load_renderer()
+    committed = json.loads((ROOT / "benchmarks" / "results" / "scale_memory.json").read_text())
+    assert committed == json.loads(json.dumps(sm.report(sm.parse_args([]))))
+    doc = (ROOT / "docs" / "scale.md").read_text()
+    start, end = "<!-- scale-tables:start -->\n", "\n<!-- scale-tables:end -->"
+    assert doc.split(start, 1)[1].split(end, 1)[0] == render.render(committed)
+    copy = tmp_path / "scale.md"
+    copy.write_text(f"before\n{start}stale{end}\nafter\n")
+    render.main([str(ROOT / "benchmarks" / "results" / "scale_memory.json"), str(copy)])
+    assert copy.read_text() == f"before\n{start}{render.render(committed)}{end}\nafter\n"
