@@ -63,7 +63,7 @@ demo: $(STAMP) data
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/compare.yaml $(DEMO_ARGS)
 
-# The ranking benchmark: the bbni full stream (200 test rows scored a task), 3 seeds, sequential
-# and P&M (jobs/rank.yaml); about 2 h on 2 CPU cores, resumable run by run.
+# The ranking benchmark: the bbni full stream (200 test rows scored a task), 3 seeds, sequential,
+# P&M and O-LoRA (jobs/rank.yaml); about 11 min per strategy and seed on 2 CPU cores, resumable run by run.
 rank: $(STAMP) data
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/rank.yaml $(DEMO_ARGS)

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/render_rank_results.py runs/rank/compare-rank.json \
         [--wall-s 5400 --machine "..."] [--candidates pm,fisher_elementwise]
 
-Copies the comparison JSON to benchmarks/results/rank_bbni.json and its plots to docs/img/, then
-rewrites the `rank-results` block of docs/results.md: the comparison report (accuracy matrices,
+Copies the comparison JSON to benchmarks/results/rank_bbni.json and its plots to docs/img/, writes
+the summary and the goal table into the README's `rank-summary` block, then rewrites the
+`rank-results` block of docs/results.md: the comparison report (accuracy matrices,
 means with 95% intervals over seeds, the paired difference to sequential, per-task scores with
 their standard errors, every run) and the plasticity goal of the P&M variants, checked per criterion:
 ACC and AAA at least sequential's (mean over seeds; whether the paired interval excludes 0),
@@ -23,7 +24,7 @@ from typing import Any
 
 from doc_blocks import replace_block
 
-from pm_ray.compare_report import comparison_markdown
+from pm_ray.compare_report import comparison_markdown, summary_table
 from pm_ray.compare_results import as_payload
 from pm_ray.stats import paired_difference
 from pm_ray.tables import _render
@@ -69,9 +70,7 @@ def goal_rows(payload: Mapping[str, Any], candidates: list[str]) -> list[list[st
     return rows
 
 
-def render(payload: Mapping[str, Any], *, wall_s: float | None, machine: str, candidates: list[str]) -> str:
-    seeds, ci = payload["seeds"], f"{payload['confidence']:.0%}"
-    when = f" in {wall_s / 3600:.1f} h" if wall_s is not None else ""
+def goal_table(payload: Mapping[str, Any], candidates: list[str]) -> str:
     header = [
         "variant",
         "ΔACC vs sequential (goal ≥ 0)",
@@ -79,14 +78,43 @@ def render(payload: Mapping[str, Any], *, wall_s: float | None, machine: str, ca
         "forgetting / sequential's (goal ≤ 0.5)",
         f"Δforgetting vs {PLAIN} (goal: interval not above 0)",
     ]
-    goal = _render(header, goal_rows(payload, candidates), [False, True, True, True, True], True)
+    return _render(header, goal_rows(payload, candidates), [False, True, True, True, True], True)
+
+
+def _heading(payload: Mapping[str, Any], wall_s: float | None, machine: str) -> str:
+    seeds, ci = payload["seeds"], f"{payload['confidence']:.0%}"
+    when = f" in {wall_s / 3600:.1f} h" if wall_s is not None else ""
+    rows = sorted(set(payload["strategies"][0]["test_rows"].values()))
     return (
-        f"`make rank` (jobs/rank.yaml), measured{when} on {machine}: {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
-        f"± is the half-width of the {ci} Student-t interval over seeds.\n\n"
-        f"#### The plasticity goal (issue: beat sequential on ACC and AAA, halve its forgetting)\n\n{goal}\n\n"
-        "Δ is the paired per-seed difference (same seed, same data); `met` compares the mean with the goal.\n\n"
+        f"`make rank` (jobs/rank.yaml), measured{when} on {machine}: {len(seeds)} seeds "
+        f"({', '.join(map(str, seeds))}), {'/'.join(map(str, rows))} test rows a task; "
+        f"± is the half-width of the {ci} Student-t interval over seeds."
+    )
+
+
+GOAL_NOTE = (
+    "Δ is the paired per-seed difference (same seed, same data); `met` compares the mean with the goal, "
+    "`(excludes 0)` marks a 95% interval that excludes 0."
+)
+
+
+def render(payload: Mapping[str, Any], *, wall_s: float | None, machine: str, candidates: list[str]) -> str:
+    """The docs/results.md block: heading, goal table, plots, the whole comparison report."""
+    return (
+        f"{_heading(payload, wall_s, machine)}\n\n"
+        f"#### The plasticity goal (issue: beat sequential on ACC and AAA, halve its forgetting)\n\n"
+        f"{goal_table(payload, candidates)}\n\n{GOAL_NOTE}\n\n"
         f"![ACC and forgetting](img/compare-rank.png)\n![alpha per task](img/compare-rank-alphas.png)\n\n"
         + comparison_markdown(payload).replace("### ", "#### ")
+    )
+
+
+def render_summary(payload: Mapping[str, Any], *, wall_s: float | None, machine: str, candidates: list[str]) -> str:
+    """The README block: heading, the summary table and the goal table."""
+    return (
+        f"{_heading(payload, wall_s, machine)}\n\n{summary_table(payload)}\n\n"
+        f"{goal_table(payload, candidates)}\n\n{GOAL_NOTE} Accuracy matrices, per-task scores with their "
+        "standard errors and every run: `docs/results.md`."
     )
 
 
@@ -97,6 +125,7 @@ def main() -> None:
     p.add_argument("--machine", default="the 2-core CPU development machine")
     p.add_argument("--candidates", default="pm", help="the P&M variants the goal is checked for")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = p.parse_args()
     payload = as_payload(json.loads(args.comparison.read_text()))
     results = ROOT / "benchmarks" / "results" / "rank_bbni.json"
@@ -109,6 +138,8 @@ def main() -> None:
     candidates = [c for c in args.candidates.split(",") if c]
     block = render(payload, wall_s=args.wall_s, machine=args.machine, candidates=candidates)
     replace_block(args.doc, "rank-results", block)
+    summary = render_summary(payload, wall_s=args.wall_s, machine=args.machine, candidates=candidates)
+    replace_block(args.readme, "rank-summary", summary)
     print(block)
 
 

@@ -1,7 +1,7 @@
 """`pm-ray compare SPEC.yaml [--seeds 0,1,2]`: the same stream under several strategies and seeds.
 
     base: quickstart.yaml                      # a run config, relative to the spec file
-    overrides: {tasks.variant: full}           # optional; applied to every entry, before its own
+    overrides: {tasks.variant: full}           # optional; every entry, before the command line and its own
     seeds: [0, 1, 2]                           # optional; --seeds overrides it
     strategies:
       sequential: {merge.strategy: sequential, perturbation.mode: none}
@@ -102,16 +102,17 @@ def plan_runs(
             )
     plan: dict[str, list[tuple[int, RunConfig]]] = {}
     for name, entry in spec.strategies.items():
-        # applied after the command line's: the spec's common overrides, then the entry's own
-        extra = [f"{key}={json.dumps(value)}" for key, value in {**spec.overrides, **entry}.items()]
+        # in order, later winning: the spec's common overrides, the command line's, the entry's own
+        common = [f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()]
+        extra = [*common, *overrides, *(f"{key}={json.dumps(value)}" for key, value in entry.items())]
         plan[name] = []
         for seed in seeds if seeds is not None else [None]:
             if seed is None:
-                cfg = load_config(spec.base, [*overrides, *extra, f"storage.run_name=compare-{name}"])
+                cfg = load_config(spec.base, [*extra, f"storage.run_name=compare-{name}"])
             else:
                 suffix = "" if len(seeds) == 1 else f"-seed{seed}"
                 run_name = f"storage.run_name=compare-{name}{suffix}"
-                cfg = load_config(spec.base, [*overrides, *extra, f"trainer.seed={seed}", run_name])
+                cfg = load_config(spec.base, [*extra, f"trainer.seed={seed}", run_name])
             check_run(cfg)
             plan[name].append((cfg.trainer.seed, cfg))
     used = seeds if seeds is not None else sorted({s for runs in plan.values() for s, _ in runs})

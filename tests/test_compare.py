@@ -126,6 +126,8 @@ def test_spec_common_overrides_reach_every_entry(tmp_path) -> None:
     _, plan = plan_runs(spec, [])
     assert {name: cfg.eval.max_rows for name, [(_, cfg)] in plan.items()} == {"sequential": 7, "pm": 7}
     assert plan["pm"][0][1].merge.strategy == "pm"  # the entry's own override wins over the common one
+    _, plan = plan_runs(spec, ["eval.max_rows=3"])
+    assert plan["pm"][0][1].eval.max_rows == 3  # and the command line wins over the spec's overrides
     with pytest.raises(ConfigError, match="'overrides' must be a dict"):
         plan_runs(write_spec(tmp_path, overrides=["eval.max_rows=7"]), [])
     with pytest.raises(ConfigError, match="trainer.seed is set by overrides"):

@@ -51,4 +51,6 @@ def test_goal_rows_check_each_criterion() -> None:
     assert fe[2].startswith("+0.050") and fe[3] == "0.75 missed"
     assert fe[4].startswith("+0.201") and fe[4].endswith("(excludes 0) missed")
     block = rrr.render(payload, wall_s=7200.0, machine="test box", candidates=["pm"])
-    assert "measured in 2.0 h on test box: 3 seeds (0, 1, 2)" in block and "#### Summary" in block
+    assert "measured in 2.0 h on test box: 3 seeds (0, 1, 2), 200 test rows a task" in block and "#### Summary" in block
+    summary = rrr.render_summary(payload, wall_s=None, machine="test box", candidates=["pm"])
+    assert "| fisher_elementwise |" in summary and "ΔACC vs sequential (goal ≥ 0)" in summary
