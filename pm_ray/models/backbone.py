@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import warnings
@@ -35,6 +36,7 @@ from transformers import (
 from transformers import __version__ as transformers_version
 
 from pm_ray.atomicdir import atomic_directory
+from pm_ray.core.tensors import atomic_write_bytes
 from pm_ray.models.dense import save_dense
 from pm_ray.models.heads import TaskHeadClassifier
 from pm_ray.models.packages import package_dir
@@ -126,6 +128,32 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _remembered_sha256(path: Path, memo_dir: Path) -> str:
+    """The file's sha256, hashed once per (path, size, mtime): hashing the 100 MB GGUF costs ~0.2 s
+    on every load, a stat costs nothing. The memo is a JSON file beside the converted copies; a file
+    replaced in place (new size or mtime) is hashed again, and an unwritable cache only loses the memo."""
+    stat = path.stat()
+    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = memo_dir / f".sha256-{hashlib.sha256(stamp['path'].encode()).hexdigest()[:16]}.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if (
+            isinstance(saved, dict)
+            and {k: saved.get(k) for k in stamp} == stamp
+            and isinstance(saved.get("sha256"), str)
+        ):
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = _file_sha256(path)
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(memo, json.dumps({**stamp, "sha256": digest}).encode())
+    except OSError:
+        pass
+    return digest
+
+
 def converted_bundled_dir(name: str, gguf_path: Path) -> Path | None:
     """A dense safetensors copy of a bundled GGUF model, made once per machine.
 
@@ -139,7 +167,7 @@ def converted_bundled_dir(name: str, gguf_path: Path) -> Path | None:
     """
     if os.environ.get("PM_RAY_MODEL_CACHE", "1").strip().lower() in {"0", "false", "no", "off"}:
         return None
-    key = f"{name}-{_file_sha256(gguf_path)[:16]}-transformers{transformers_version}"
+    key = f"{name}-{_remembered_sha256(gguf_path, model_cache_dir())[:16]}-transformers{transformers_version}"
     target = model_cache_dir() / key
     if (target / "config.json").exists():
         return target

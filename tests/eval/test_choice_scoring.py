@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from pm_ray.data.prompts import format_prompt
 from pm_ray.data.tokenize import answer_ids
@@ -17,24 +16,9 @@ from pm_ray.eval.choices import (
     pairwise_choice_scores,
 )
 from pm_ray.eval.generation import generate_answers
-from pm_ray.models.backbone import load_backbone
-from pm_ray.models.lora import attach_lora
 from pm_ray.models.tiny_tokenizer import TINY_CHAT_TEMPLATE, tiny_llama_tokenizer
 
 CHOICES = ["x", "no", "yes", "blue", "a long answer", "it is not possible to tell from the text", "", "Ünïcode ☃"]
-
-
-def lora_tiny(attn: str = "sdpa"):
-    """A fresh tiny:llama with a LoRA adapter whose B is non-zero (so the adapter changes scores)."""
-    model, tok = load_backbone("tiny:llama")
-    model.set_attn_implementation(attn)
-    model = attach_lora(model, rank=4, alpha=8)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return model.eval(), tok
 
 
 def varied_rows(n: int, seed: int = 0) -> list[dict]:
@@ -52,11 +36,6 @@ def varied_rows(n: int, seed: int = 0) -> list[dict]:
             }
         )
     return rows
-
-
-@pytest.fixture(scope="module")
-def lora_model():
-    return lora_tiny()
 
 
 def assert_same_scores(got, want, rows, tol=1e-4):
@@ -80,7 +59,7 @@ def test_cached_scores_equal_one_forward_per_choice_with_lora(lora_model, batch_
     assert_same_scores(got, want, rows)
 
 
-def test_cached_scores_equal_reference_with_eager_attention_and_chat_template():
+def test_cached_scores_equal_reference_with_eager_attention_and_chat_template(lora_tiny):
     model, _ = lora_tiny("eager")  # the 4D additive mask is read the same way by eager attention
     tok = tiny_llama_tokenizer(chat_template=TINY_CHAT_TEMPLATE)
     rows = varied_rows(9, seed=3)
@@ -136,7 +115,7 @@ def test_cached_scorer_runs_two_forwards_per_batch_of_rows(lora_model, share_pre
     assert [shape[0] for shape, _ in calls] == [4, 4, 4, 4, 2, 2]
 
 
-def test_batched_generation_decodes_from_a_kv_cache():
+def test_batched_generation_decodes_from_a_kv_cache(lora_tiny):
     """`generate_answers` (HF generate with use_cache=True): after the prompt, each step feeds one
     new token per row and the model gets the cache, even when the model's configs say otherwise.
     With the shared prefix, it runs once first (one sequence) and each batch's prefill feeds only

@@ -10,22 +10,8 @@ from pm_ray.data.prompts import format_prompt
 from pm_ray.eval.choices import choice_scores, pairwise_choice_scores
 from pm_ray.eval.generation import generate_answers
 from pm_ray.eval.prefix import MIN_SHARED_TOKENS, PromptPrefix, shared_prefix_length
-from pm_ray.models.backbone import load_backbone
-from pm_ray.models.lora import attach_lora
 
 INSTRUCTION = "Read the question and pick the answer that fits the context best, " * 3
-
-
-@pytest.fixture(scope="module")
-def model_and_tok():
-    model, tok = load_backbone("tiny:llama")
-    model = attach_lora(model, rank=4, alpha=8)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return model.eval(), tok
 
 
 def task_rows(n: int) -> list[dict]:
@@ -50,14 +36,14 @@ def test_shared_prefix_length_keeps_a_token_for_every_row():
     assert shared_prefix_length([[1, 2, 3, 4]]) == 3
 
 
-def test_a_short_common_start_is_not_cached(model_and_tok):
-    model, _ = model_and_tok
+def test_a_short_common_start_is_not_cached(lora_model):
+    model, _ = lora_model
     prefix = PromptPrefix.build(model, [[5] * (MIN_SHARED_TOKENS - 1) + [1, 2], [5] * 20], torch.device("cpu"))
     assert len(prefix) == 0 and prefix.cache is None and prefix.cache_for(3) is None
 
 
-def test_pack_puts_the_padding_between_prefix_and_own_tokens(model_and_tok):
-    model, _ = model_and_tok
+def test_pack_puts_the_padding_between_prefix_and_own_tokens(lora_model):
+    model, _ = lora_model
     shared = list(range(10, 22))
     prefix = PromptPrefix.build(model, [shared + [1, 2, 3], shared + [4]], torch.device("cpu"))
     assert prefix.ids == shared
@@ -70,8 +56,8 @@ def test_pack_puts_the_padding_between_prefix_and_own_tokens(model_and_tok):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_choice_scores_with_the_shared_prefix_equal_whole_prompts(model_and_tok, batch_size):
-    model, tok = model_and_tok
+def test_choice_scores_with_the_shared_prefix_equal_whole_prompts(lora_model, batch_size):
+    model, tok = lora_model
     rows = task_rows(9)
     prompts = [tok(format_prompt(tok, r), add_special_tokens=False)["input_ids"] for r in rows]
     assert shared_prefix_length(prompts) >= 30  # the instruction is shared: the prefix path runs
@@ -84,8 +70,8 @@ def test_choice_scores_with_the_shared_prefix_equal_whole_prompts(model_and_tok,
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_generation_with_the_shared_prefix_equals_whole_prompts(model_and_tok, batch_size):
-    model, tok = model_and_tok
+def test_generation_with_the_shared_prefix_equals_whole_prompts(lora_model, batch_size):
+    model, tok = lora_model
     rows = task_rows(7)
     kw = {"batch_size": batch_size, "max_new_tokens": 6, "max_prompt_length": 512}
     assert generate_answers(model, tok, rows, **kw) == generate_answers(model, tok, rows, share_prefix=False, **kw)

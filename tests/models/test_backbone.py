@@ -193,5 +193,17 @@ def test_a_bundled_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     assert (first / "config.json").exists() and (first / "model.safetensors").exists()
     assert backbone.converted_bundled_dir("stand-in", gguf) == first and len(calls) == 1
     assert [p.name for p in first.parent.iterdir() if not p.name.startswith(".")] == [first.name]
+    # the digest is remembered per (path, size, mtime): an unchanged file is not hashed again, a
+    # file rewritten in place is, and lands in a new copy
+    hashed = []
+    monkeypatch.setattr(backbone, "_file_sha256", lambda path: hashed.append(path) or digest * 4)
+    assert backbone.converted_bundled_dir("stand-in", gguf) == first and hashed == []
+    gguf.write_bytes(b"GGUF stand-in, version 2")
+    monkeypatch.undo()
+    monkeypatch.setenv("PM_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbone, "_from_pretrained", fake_gguf_load)
+    second = backbone.converted_bundled_dir("stand-in", gguf)
+    assert second.name.startswith(f"stand-in-{hashlib.sha256(b'GGUF stand-in, version 2').hexdigest()[:16]}-")
+    assert len(calls) == 2
     monkeypatch.setenv("PM_RAY_MODEL_CACHE", "0")
     assert backbone.converted_bundled_dir("stand-in", gguf) is None
