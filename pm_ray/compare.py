@@ -33,7 +33,7 @@ SPEC_KEYS = {"base", "overrides", "strategies", "seeds"}
 
 class Spec(NamedTuple):
     base: Path
-    overrides: dict[str, Any]  # the spec's common overrides: every entry gets them, then its own
+    overrides: dict[str, Any]  # the spec's common overrides, applied before the command line's and each entry's
     strategies: dict[str, dict[str, Any]]
     seeds: list[int] | None
 
@@ -101,9 +101,9 @@ def plan_runs(
                 "give the seeds as the spec's 'seeds' or --seeds only"
             )
     plan: dict[str, list[tuple[int, RunConfig]]] = {}
+    # in order, later winning: the spec's common overrides, the command line's, the entry's own
+    common = [f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()]
     for name, entry in spec.strategies.items():
-        # in order, later winning: the spec's common overrides, the command line's, the entry's own
-        common = [f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()]
         extra = [*common, *overrides, *(f"{key}={json.dumps(value)}" for key, value in entry.items())]
         plan[name] = []
         for seed in seeds if seeds is not None else [None]:

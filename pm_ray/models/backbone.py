@@ -167,8 +167,9 @@ def converted_bundled_dir(name: str, gguf_path: Path) -> Path | None:
     """
     if os.environ.get("PM_RAY_MODEL_CACHE", "1").strip().lower() in {"0", "false", "no", "off"}:
         return None
-    key = f"{name}-{_remembered_sha256(gguf_path, model_cache_dir())[:16]}-transformers{transformers_version}"
-    target = model_cache_dir() / key
+    cache = model_cache_dir()
+    key = f"{name}-{_remembered_sha256(gguf_path, cache)[:16]}-transformers{transformers_version}"
+    target = cache / key
     if (target / "config.json").exists():
         return target
     try:
