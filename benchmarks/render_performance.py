@@ -25,7 +25,9 @@ FILES = (
     "merge_cost_kv.json",
     "merge_cost_all_linear.json",
     "precision_smollm2.json",
+    "precision_smollm2_avx2.json",
 )
+PRECISION_FILES = ("precision_smollm2.json", "precision_smollm2_avx2.json")  # a CPU with bf16, one without
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -145,30 +147,34 @@ def merge_rows() -> list[list[str]]:
 
 
 def precision_rows() -> list[list[str]]:
-    d = load("precision_smollm2.json")
-    if d is None:
-        return [["precision_smollm2.json", "not measured", "", "", "", ""]]
     rows = []
-    for part, label in (("train", "training step"), ("mc_scoring", "choice scoring"), ("generation", "generation")):
-        r = d[part]
-        batch = "x".join(map(str, r.get("batch", [])))
-        size = f"{r['steps_per_block']} steps of {batch}" if part == "train" else f"{r['rows']} rows"
-        if part == "train":
-            agree = f"loss {r['last_loss']['fp32']:.4f} vs {r['last_loss']['bf16-mixed']:.4f}"
-        elif part == "mc_scoring":
-            agree = f"predictions {r['predictions_agree']}, max score diff {r['max_abs_score_diff']}"
-        else:
-            agree = f"identical answers {r['answers_identical']}"
-        rows.append(
-            [
-                label,
-                size,
-                mm(r["block_s" if part == "train" else "pass_s"]["fp32"]),
-                mm(r["block_s" if part == "train" else "pass_s"]["bf16-mixed"]),
-                f"{r['speedup_wall']:.2f} ({r['speedup_cpu_time']:.2f})",
-                agree,
-            ]
-        )
+    for name in PRECISION_FILES:
+        d = load(name)
+        if d is None:
+            rows.append([name, "not measured", "", "", "", "", ""])
+            continue
+        cpu = ", ".join(d.get("cpu_bf16_flags") or []) or "none (no AMX / AVX512-BF16)"
+        for part, label in (("train", "training step"), ("mc_scoring", "choice scoring"), ("generation", "generation")):
+            r = d[part]
+            batch = "x".join(map(str, r.get("batch", [])))
+            size = f"{r['steps_per_block']} steps of {batch}" if part == "train" else f"{r['rows']} rows"
+            if part == "train":
+                agree = f"loss {r['last_loss']['fp32']:.4f} vs {r['last_loss']['bf16-mixed']:.4f}"
+            elif part == "mc_scoring":
+                agree = f"predictions {r['predictions_agree']}, max score diff {r['max_abs_score_diff']}"
+            else:
+                agree = f"identical answers {r['answers_identical']}"
+            rows.append(
+                [
+                    cpu,
+                    label,
+                    size,
+                    mm(r["block_s" if part == "train" else "pass_s"]["fp32"]),
+                    mm(r["block_s" if part == "train" else "pass_s"]["bf16-mixed"]),
+                    f"{r['speedup_wall']:.2f} ({r['speedup_cpu_time']:.2f})",
+                    agree,
+                ]
+            )
     return rows
 
 
@@ -238,9 +244,13 @@ def render() -> str:
         ),
         "",
         "**`trainer.precision`**: fp32 vs bf16-mixed (fp32 weights, forwards under autocast(bf16)), SmolLM2-135M "
-        "with rank-8 LoRA, sides alternating in one process (`benchmarks/precision.py`)",
+        "with rank-8 LoRA, sides alternating in one process (`benchmarks/precision.py`), on a CPU with bf16 "
+        "instructions and on one without (`precision: auto` picks bf16-mixed only on the first kind)",
         "",
-        table(["work", "size", "fp32 s", "bf16-mixed s", "speed-up wall (CPU time)", "agreement"], precision_rows()),
+        table(
+            ["CPU bf16 flags", "work", "size", "fp32 s", "bf16-mixed s", "speed-up wall (CPU time)", "agreement"],
+            precision_rows(),
+        ),
         "",
         "**Where a task's wall time goes** (fractions of task_s from state.json)",
         "",

@@ -167,8 +167,9 @@ class TrainerSection(Section):
     max_length: int = Field(128, ge=8)
     # bf16-mixed: fp32 weights (the merge folds into them exactly), every forward (training, Fisher,
     # evaluation) under torch.autocast(bfloat16), as Lightning's "bf16-mixed"; on CPUs with AMX or
-    # AVX512-BF16 that is ~1.5x faster training and ~2x faster scoring (docs/performance.md).
-    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    # AVX512-BF16 that is ~1.5x faster training and ~2x faster scoring, on CPUs without them several
+    # times slower (docs/performance.md). auto: bf16-mixed where each worker's hardware has bf16, else fp32.
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "fp32"
     seed: int = 0
     max_failures: int = Field(1, ge=0)
     log_every: int = Field(5, ge=1)

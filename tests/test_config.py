@@ -57,7 +57,7 @@ def test_bad_overrides() -> None:
     with pytest.raises(ConfigError, match="epsilon=-0.1 is outside"):
         load_config(None, ["perturbation.epsilon=-0.1"])
     assert isinstance(load_config(None, ["merge.strategy=magmax", "merge.options.lam=0.3"]), RunConfig)
-    with pytest.raises(ConfigError, match=r"trainer.precision: Input should be 'fp32' or 'bf16-mixed'"):
+    with pytest.raises(ConfigError, match=r"trainer.precision: Input should be 'auto', 'fp32' or 'bf16-mixed'"):
         load_config(None, ["trainer.precision=fp16"])
 
 

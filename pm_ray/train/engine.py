@@ -10,7 +10,8 @@ the parameters they were built on, so a new adapter means new hooks and no stale
 bf16 (``model.dtype: bfloat16``): DeepSpeed's ``bf16`` mode on CUDA (bf16 weights, fp32 master
 copies of the trainable ones in the optimizer); elsewhere the forward runs under
 ``torch.autocast(<device>, bfloat16)``. ``trainer.precision: bf16-mixed`` keeps fp32 weights and runs
-every forward (training, Fisher, evaluation: ``compute_precision``) under that autocast. PEFT keeps the LoRA factors in fp32 over a bf16 base, and
+every forward (training, Fisher, evaluation: ``compute_precision``) under that autocast; ``auto``
+picks it only where the hardware has bf16 (``native_bf16``). PEFT keeps the LoRA factors in fp32 over a bf16 base, and
 the Fisher, the task vector and the merge are computed in fp32 (pm_ray/core casts).
 ZeRO-3 (pm_ray/train/zero3.py) partitions every parameter; small ones are not kept whole.
 """
@@ -75,12 +76,34 @@ def uses_deepspeed_bf16(cfg: TrainerSection, bf16: bool) -> bool:
     return bf16 and cfg.engine == "deepspeed" and cfg.use_gpu and torch.cuda.is_available()
 
 
+def native_bf16(device_type: str) -> bool:
+    """Whether this machine runs bfloat16 matmuls in hardware: a CUDA device with bf16, or a CPU with
+    AMX or AVX512-BF16. Elsewhere oneDNN emulates bf16, and autocast(bfloat16) is several times
+    slower than fp32 (choice scoring 5.8x slower on an AVX2-only EPYC, docs/performance.md)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own CPUID probes
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
+def forward_device(cfg: TrainerSection) -> str:
+    return "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def resolved_precision(cfg: TrainerSection) -> str:
+    """``trainer.precision`` on the machine this runs on: ``auto`` is bf16-mixed where bf16 is native
+    (:func:`native_bf16`), else fp32. Resolved by each worker, on its own node's hardware."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-mixed" if native_bf16(forward_device(cfg)) else "fp32"
+
+
 def autocast_device(cfg: TrainerSection, bf16: bool) -> str | None:
     """The device type whose forwards run under autocast(bfloat16), or None (full precision, or
     DeepSpeed's own bf16 mode). ``bf16``: the base weights are bfloat16 (``model.dtype``)."""
-    if uses_deepspeed_bf16(cfg, bf16) or not (bf16 or cfg.precision == "bf16-mixed"):
+    if uses_deepspeed_bf16(cfg, bf16) or not (bf16 or resolved_precision(cfg) == "bf16-mixed"):
         return None
-    return "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    return forward_device(cfg)
 
 
 def compute_precision(device_type: str | None) -> contextlib.AbstractContextManager[Any]:

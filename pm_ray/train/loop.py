@@ -147,6 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     bf16 = cfg.model.dtype == "bfloat16"
     autocast = autocast_device(cfg.trainer, bf16)  # trainer.precision / model.dtype: bf16 forwards
+    forward_dtype = "bfloat16" if bf16 or autocast else "float32"  # what `precision: auto` chose here
     weights = zero3.Weights(cfg.trainer.engine == "deepspeed" and cfg.trainer.zero_stage == 3, rank, world_size)
     ds_config = deepspeed_config(cfg.trainer, world_size, bf16) if weights.enabled else {}
     model, tokenizer = weights.load(cfg.model.name_or_path, tasks[0].kind, DTYPES[cfg.model.dtype], device, ds_config)
@@ -216,6 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if n:
             diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
         diag["train_s"] = time.time() - t_start
+        diag["forward_dtype"] = forward_dtype
         diag.update(weights.diagnostics(model))  # ZeRO-3: this rank's resident base-weight bytes
         if not weights.enabled:  # ZeRO-3: its hooks gather the weights, until after the evaluation
             engine.close()
