@@ -99,6 +99,16 @@ def _experiment_id(client: MlflowClient, experiment: str, artifact_dir: Path) ->
     return found.experiment_id
 
 
+def ensure_experiment(uri: str, experiment: str, artifact_dir: Path) -> str:
+    """Create (or restore) ``experiment`` in the store at ``uri`` with artifacts under ``artifact_dir``,
+    before several runs log to it (a tuning experiment's trials, a comparison's runs): its
+    artifact location is then the shared one, not the first run's, and no two runs race on the schema."""
+    from mlflow.tracking import MlflowClient
+
+    _ensure_sqlite_parent(uri)
+    return _experiment_id(MlflowClient(tracking_uri=uri), experiment, Path(artifact_dir))
+
+
 class RunTracker:
     """One MLflow run (parent or child) addressed by id through its own client."""
 

@@ -22,9 +22,9 @@ STRATEGIES = {
 }
 
 
-def write_spec(tmp_path: Path, **extra) -> Path:
+def write_spec(tmp_path: Path, tracking: bool = False, **extra) -> Path:
     storage = tmp_path / "runs"
-    base = tiny_config(storage, tasks={"limit": 2}, trainer={"steps_per_task": 2})
+    base = tiny_config(storage, tasks={"limit": 2}, trainer={"steps_per_task": 2}, tracking={"enabled": tracking})
     write_config(tmp_path / "base.yaml", base)
     spec = tmp_path / "cmp.yaml"
     spec.write_text(yaml.safe_dump({"base": "base.yaml", **extra, "strategies": STRATEGIES}, sort_keys=False))
@@ -34,7 +34,7 @@ def write_spec(tmp_path: Path, **extra) -> Path:
 def test_compare_one_seed_keeps_run_names_table_json_and_plot(tmp_path, ray_session) -> None:
     from matplotlib.image import imread
 
-    spec, storage = write_spec(tmp_path), tmp_path / "runs"
+    spec, storage = write_spec(tmp_path, tracking=True), tmp_path / "runs"
     payload, table = run_comparison(spec, [], quiet=True)
     assert [e["strategy"] for e in payload["strategies"]] == ["sequential", "pm"] and "pm" in table
     assert payload["seeds"] == [0] and payload["reference"] == "sequential" and payload["same_data"]
@@ -54,6 +54,28 @@ def test_compare_one_seed_keeps_run_names_table_json_and_plot(tmp_path, ray_sess
     for name in ("compare-cmp.png", "compare-cmp-alphas.png", "compare-cmp-accuracy-pm.png"):
         pixels = imread(storage / name)
         assert pixels.ndim == 3 and pixels.reshape(-1, pixels.shape[-1]).std(axis=0).max() > 0, name
+    # one MLflow store for the whole comparison: both runs (and their per-task child runs) in it
+    from mlflow.tracking import MlflowClient
+
+    assert not list(storage.glob("compare-*/mlflow.db"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'compare-cmp.mlflow.db'}")
+    runs = client.search_runs([x.experiment_id for x in client.search_experiments()])
+    parents = {r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert parents == {"compare-sequential", "compare-pm"}
+    (experiment,) = client.search_experiments(filter_string="name = 'pm-ray'")
+    assert experiment.artifact_location == (storage / "compare-cmp-mlflow-artifacts").resolve().as_uri()
+    assert (
+        len(
+            {
+                p.relative_to(storage).parts[1]
+                for p in storage.glob("compare-cmp-mlflow-artifacts/*/artifacts/plots/*.png")
+            }
+        )
+        == 2
+    )
+    assert {r.info.run_id for r in runs if r.info.run_name.startswith("compare-")} == {
+        json.loads((storage / f"compare-{n}" / "state.json").read_text())["mlflow_run_id"] for n in ("sequential", "pm")
+    }
 
 
 def test_compare_two_seeds_cli_override_and_reuse(tmp_path, ray_session, capsys) -> None:

@@ -3,9 +3,9 @@
 The block is parsed from README.md (an edited README is what is tested). The commands run in a copy
 of the repository whose jobs/*.yaml are the real ones with tiny-model sizes laid over them (tiny
 Llama, 2 quick tasks, engine=single; everything else, tracking included, as shipped), so a renamed
-file, flag or config key fails here. `cluster/local_head.sh start` is replaced by the local-head
-fixture of test_job_submit (its own ports: another Ray on this machine may hold 8265); the
-`jobs/submit.sh` that follows runs as written against it. A command this test does not know fails it.
+file, flag or config key fails here. `cluster/local_head.sh start` is replaced by the local head of
+tests/localhead.py (its own ports: another Ray on this machine may hold 8265); the `jobs/submit.sh`
+that follows runs as written against it (this is the suite's `ray job submit` test). A command this test does not know fails it.
 """
 
 from __future__ import annotations
@@ -144,11 +144,20 @@ def check(command: str, proc: subprocess.CompletedProcess, work: Path) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(str(target))
         assert model.config.model_type == "llama" and (target / "tokenizer.json").is_file()
-    elif argv[0] == "jobs/submit.sh":
-        assert "succeeded" in out.lower()
+    elif argv[0] == "jobs/submit.sh":  # the wrapper uploads the repository as the job's working dir
+        assert "submitted pm-ray-job-" in out and "succeeded" in out.lower()
         config = yaml.safe_load((work / argv[1]).read_text())
-        s = state(work / "runs" / config["storage"]["run_name"])
+        run_dir = work / "runs" / config["storage"]["run_name"]
+        s = state(run_dir)
         assert s["completed"] == 2 and s["metrics"]
+        from mlflow.tracking import MlflowClient  # the job's MLflow run, in the run dir's store, ended
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name(config["tracking"]["experiment"])
+        (parent,) = [
+            r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+        ]
+        assert parent.info.status == "FINISHED" and parent.info.run_id == s["mlflow_run_id"]
     else:  # pragma: no cover - the KNOWN list guards this
         raise AssertionError(f"no check for {command!r}")
 

@@ -150,21 +150,11 @@ def _prepare_tracking(spec: TuneSpec) -> dict[str, str] | None:
     experiment directory, created here once so that trials never race on its schema."""
     if not spec.base.tracking.enabled:
         return None
-    from mlflow.tracking import MlflowClient
-
-    from pm_ray.tracking import _ensure_sqlite_parent, tracking_uri_for
+    from pm_ray.tracking import ensure_experiment, tracking_uri_for
 
     uri = tracking_uri_for(spec.experiment_dir, spec.base.tracking.uri)
     experiment = spec.name
-    _ensure_sqlite_parent(uri)
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        client.create_experiment(
-            experiment, artifact_location=(spec.experiment_dir / "mlflow-artifacts").resolve().as_uri()
-        )
-    elif found.lifecycle_stage == "deleted":
-        client.restore_experiment(found.experiment_id)
+    ensure_experiment(uri, experiment, spec.experiment_dir / "mlflow-artifacts")
     return {"uri": uri, "experiment": experiment}
 
 
