@@ -145,7 +145,7 @@ def check(command: str, proc: subprocess.CompletedProcess, work: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(target))
         assert model.config.model_type == "llama" and (target / "tokenizer.json").is_file()
     elif argv[0] == "jobs/submit.sh":  # the wrapper uploads the repository as the job's working dir
-        assert "submitted pm-ray-job-" in out and "succeeded" in out.lower()
+        assert f"submitted pm-ray-{Path(argv[1]).stem}-" in out and "succeeded" in out.lower()
         config = yaml.safe_load((work / argv[1]).read_text())
         run_dir = work / "runs" / config["storage"]["run_name"]
         s = state(run_dir)

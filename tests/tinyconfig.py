@@ -32,6 +32,18 @@ def tiny_config(storage_path: Path, /, **sections: dict[str, Any]) -> dict[str, 
     return cfg
 
 
+def two_worker_config(runs: Path, engine: str, zero_stage: int = 2, *, tracking: bool = True) -> dict[str, Any]:
+    """A 3-task tiny:llama stream on 2 CPU workers. 7 Fisher rows (4 + 3 per rank, batches of 2)
+    and 7 eval rows per task make the ranks' shards unequal."""
+    return tiny_config(
+        runs,
+        trainer={"engine": engine, "num_workers": 2, "zero_stage": zero_stage},
+        fisher={"num_samples": 7, "batch_size": 2},
+        eval={"max_rows": 7, "max_new_tokens": 4, "batch_size": 2},
+        tracking={"enabled": tracking, "experiment": f"test-{engine}"},
+    )
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

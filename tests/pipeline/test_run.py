@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from pm_ray.config import config_from_dict
 from pm_ray.core.tensors import load_tensors
 from pm_ray.pipeline import run_continual
-from tinyconfig import tiny_config
+from tinyconfig import two_worker_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,19 +48,10 @@ def check_merged_equals_adapter_stack(run_dir: Path, state: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, ray_session):
-    """The same 3-task stream under DeepSpeed ZeRO-2 and DDP, 2 CPU workers each."""
-    out = {}
-    for engine in ("deepspeed", "ddp"):
-        storage = tmp_path_factory.mktemp(engine)
-        cfg = tiny_config(
-            storage,
-            trainer={"engine": engine, "num_workers": 2, "zero_stage": 2},
-            tracking={"enabled": True, "experiment": f"test-{engine}"},
-        )
-        summary = run_continual(config_from_dict(cfg), config_stem=engine, quiet=True)
-        out[engine] = summary
-    return out
+def runs(tmp_path_factory, zero2_run):
+    """The same 3-task stream under DeepSpeed ZeRO-2 (shared with test_zero3.py) and DDP, 2 CPU workers each."""
+    cfg = two_worker_config(tmp_path_factory.mktemp("ddp"), "ddp")
+    return {"deepspeed": zero2_run, "ddp": run_continual(config_from_dict(cfg), config_stem="ddp", quiet=True)}
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "ddp"])
@@ -119,7 +110,7 @@ def test_mlflow_store_read_back(runs) -> None:
 def test_a_rerun_is_bit_identical(runs, tmp_path) -> None:
     """Same config, same machine: the α's, the accuracy matrix and the merged delta are identical
     bit for bit (docs/pipeline.md, Reproducibility), here under DeepSpeed ZeRO-2 on 2 workers."""
-    cfg = tiny_config(tmp_path, trainer={"engine": "deepspeed", "num_workers": 2, "zero_stage": 2})
+    cfg = two_worker_config(tmp_path, "deepspeed", tracking=False)
     again = run_continual(config_from_dict(cfg), config_stem="deepspeed", quiet=True)
     first = json.loads((runs["deepspeed"].run_dir / "state.json").read_text())
     second = json.loads((again.run_dir / "state.json").read_text())

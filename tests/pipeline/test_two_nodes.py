@@ -6,9 +6,7 @@ accuracy matrix of an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,8 @@ from typing import Any
 import pytest
 
 from localhead import free_port, kill_session, local_head, start_node
+from pm_ray.config import load_config
+from pm_ray.pipeline import run_continual
 from runcli import wait_for
 from tinyconfig import tiny_config, write_config
 
@@ -48,7 +48,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def test_second_node_killed_mid_task_the_job_finishes_on_the_head(tmp_path) -> None:
+def test_second_node_killed_mid_task_the_job_finishes_on_the_head(tmp_path, ray_session) -> None:
     started = time.time()
     storage = tmp_path / "runs"
     cfg = tiny_config(
@@ -113,14 +113,8 @@ def test_second_node_killed_mid_task_the_job_finishes_on_the_head(tmp_path) -> N
     assert second_task["worker_nodes"] == [head_node, head_node], second_task
     assert second_task["merge_nodes"] == [head_node, head_node], second_task
 
-    reference = subprocess.run(
-        [sys.executable, "-m", "pm_ray.cli", "run", str(config), "--quiet", "storage.run_name=clean"],
-        capture_output=True,
-        text=True,
-        env={k: v for k, v in dict(os.environ, RAY_AUTH_MODE="disabled").items() if k != "RAY_ADDRESS"},
-        timeout=300,
-    )
-    assert reference.returncode == 0, reference.stdout + reference.stderr
+    # the uninterrupted reference: the same config on the test session's embedded Ray (one node)
+    run_continual(load_config(config, ["storage.run_name=clean"]), config_stem="two", quiet=True)
     clean = read_json(storage / "clean" / "state.json")
     assert clean is not None
     # the retried task 2 started again from task 1's boundary, with the same batches on the same 2 ranks;

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pm_ray.config import config_from_dict
+from pm_ray.config import config_from_dict, load_config
 from pm_ray.pipeline import run_continual
-from runcli import cli, finish, kill_after_first_commit, read_state
-from tinyconfig import tiny_config, write_config
+from runcli import kill_after_first_commit, read_state
+from tinyconfig import tiny_config, two_worker_config, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,24 +21,15 @@ def state_of(summary) -> dict:
 
 
 def zero_config(runs: Path, stage: int) -> dict:
-    """A 3-task tiny:llama stream on 2 CPU workers. 7 Fisher rows (4 + 3 per rank, batches of 2)
-    and 7 eval rows per task make the ranks' shards unequal."""
-    return tiny_config(
-        runs,
-        trainer={"engine": "deepspeed", "num_workers": 2, "zero_stage": stage},
-        fisher={"num_samples": 7, "batch_size": 2},
-        eval={"max_rows": 7, "max_new_tokens": 4, "batch_size": 2},
-    )
+    return two_worker_config(runs, "deepspeed", stage, tracking=False)
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory, ray_session):
-    """The same stream under ZeRO-2 and ZeRO-3."""
-    out = {}
-    for stage in (2, 3):
-        cfg = zero_config(tmp_path_factory.mktemp(f"zero{stage}"), stage)
-        out[stage] = state_of(run_continual(config_from_dict(cfg), config_stem=f"zero{stage}", quiet=True))
-    return out
+def zero_runs(tmp_path_factory, zero2_run):
+    """The same stream under ZeRO-2 (the session's run, tests/pipeline/conftest.py) and ZeRO-3."""
+    cfg = zero_config(tmp_path_factory.mktemp("zero3"), 3)
+    z3 = run_continual(config_from_dict(cfg), config_stem="zero3", quiet=True)
+    return {2: state_of(zero2_run), 3: state_of(z3)}
 
 
 def test_zero3_matches_zero2(zero_runs) -> None:
@@ -63,13 +54,15 @@ def test_zero3_partitions_the_base_weights(zero_runs) -> None:
 
 def test_zero3_resumes_after_a_driver_kill(tmp_path, zero_runs) -> None:
     """`pm-ray run` under stage 3 killed (SIGKILL to its whole session) after task 1 commits; the
-    same command resumes: W0 is gathered again and W0 + the merged delta folded module by module
+    run resumes: W0 is gathered again and W0 + the merged delta folded module by module
     into the partitions, and the run ends with the uninterrupted stage-3 run's α's and matrix."""
     config = write_config(tmp_path / "zero3.yaml", zero_config(tmp_path / "runs", 3))
     run_dir = tmp_path / "runs" / "killed"
     killed = kill_after_first_commit(config, run_dir)
     assert 1 <= killed["completed"] < 3, "the kill must land between tasks, not after the run"
-    finish(cli(config, "storage.run_name=killed"))
+    # the resume: run_continual, what the command calls, on the test session's Ray (a CLI would
+    # start its own Ray and worker group for the same code path)
+    run_continual(load_config(config, ["storage.run_name=killed"]), config_stem="zero3", quiet=True)
     resumed, reference = read_state(run_dir), zero_runs[3]
     assert resumed["completed"] == 3
     assert resumed["alphas"] == pytest.approx(reference["alphas"], abs=1e-9)
