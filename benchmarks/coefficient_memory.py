@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from pm_ray.core.coefficient import CurvatureAccumulator, optimal_alpha
+from pm_ray.core.accumulator import CurvatureAccumulator
+from pm_ray.core.coefficient import optimal_alpha
 
 
 def nbytes(dicts) -> int:

@@ -8,12 +8,15 @@ does it (every shard's partials, add_partials, solve_alpha) and every shard then
 
 A shard is brought to task 1 and another to task 19 with real merges, then the merge of task 2
 and of task 20 are timed alternately (A B A B ...): each timed merge restores the shard's state
-afterwards (the accumulator's Φ, Ψ are updated in place, so they are cloned first). The Δ_t and
+afterwards (θ̂, Φ and Ψ are updated in place, so they are cloned first). The Δ_t and
 F_t of every task are the same random tensors (the cost does not depend on their values).
 Memory: peak RSS above the RSS before the merge, sampled every 2 ms by a thread (torch's CPU
 allocator bypasses tracemalloc). The yardstick is ``{k: a[k] + b[k]}`` over the same modules.
+Minor page faults (first touches of memory the allocator got fresh from the kernel) are counted
+in both timed regions: they cost microseconds each, and which side meets them depends on what
+the allocator has free at that moment, not on the work.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/merge_cost.py --targets kv --repeats 5
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/merge_cost.py --targets kv --repeats 5 --threads 1
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 import threading
@@ -99,6 +103,10 @@ class PeakRss:
         self.delta_mib = (self.peak - self.base) / 2**20
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def split(tensors: dict[str, torch.Tensor], keys: list[list[str]]) -> list[dict[str, torch.Tensor]]:
     return [{k: tensors[k] for k in part} for part in keys]
 
@@ -122,10 +130,11 @@ def merge_all(
 
 
 def snapshot(shards: list[MergeShard]) -> list[tuple]:
+    """Copies of what a merge changes in place (the shard's strategy updates θ̂, Φ and Ψ in place)."""
     return [
         (
-            s.strategy.merged,
-            s.strategy.start,
+            {k: v.clone() for k, v in s.strategy.merged.items()},
+            s.strategy.start is s.strategy.merged,
             s.strategy.num_tasks,
             s.strategy.accumulator.num_tasks,
             {k: v.clone() for k, v in s.strategy.accumulator.phi.items()},
@@ -136,8 +145,9 @@ def snapshot(shards: list[MergeShard]) -> list[tuple]:
 
 
 def restore(shards: list[MergeShard], snap: list[tuple]) -> None:
-    for s, (merged, start, n, acc_n, phi, psi) in zip(shards, snap):
-        s.strategy.merged, s.strategy.start, s.strategy.num_tasks = merged, start, n
+    for s, (merged, start_is_merged, n, acc_n, phi, psi) in zip(shards, snap):
+        assert start_is_merged  # pm: task t+1 trains from θ̂_t
+        s.strategy.merged, s.strategy.start, s.strategy.num_tasks = merged, merged, n
         s.strategy.accumulator.num_tasks, s.strategy.accumulator.phi, s.strategy.accumulator.psi = acc_n, phi, psi
 
 
@@ -152,7 +162,16 @@ def main() -> None:
     parser.add_argument("--late-task", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--save", action="store_true", help="include MergeShard's state-file write")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's own); Ray starts a merge actor (num_cpus=0) with OMP_NUM_THREADS=1",
+    )
+    parser.add_argument("--machine", default="", help="free text naming the machine, copied to the JSON")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config, config_source = smollm2_config()
     shapes = adapted_shapes(config, args.targets)
     numel = sum(a * b for a, b in shapes.values())
@@ -179,6 +198,8 @@ def main() -> None:
             for label, (sh, _) in sides.items()
         }
         times: dict[str, list[float]] = {label: [] for label in sides}
+        faults: dict[str, list[int]] = {label: [] for label in sides}
+        add_faults: list[int] = []
         shard_max: dict[str, list[float]] = {label: [] for label in sides}
         peaks: dict[str, list[float]] = {label: [] for label in sides}
         add_s: list[float] = []
@@ -186,16 +207,18 @@ def main() -> None:
             for label, (shards, task) in sides.items():
                 snap = snapshot(shards)
                 with PeakRss() as rss:
-                    t0 = time.perf_counter()
+                    f0, t0 = minor_faults(), time.perf_counter()
                     out = merge_all(shards, keys, task, delta, fisher, 32, tmp if args.save else None)
                     times[label].append(time.perf_counter() - t0)
+                    faults[label].append(minor_faults() - f0)
                 shard_max[label].append(max(out["per_shard_s"]))
                 peaks[label].append(rss.delta_mib)
                 restore(shards, snap)
                 del snap
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             added = {k: delta[k] + fisher[k] for k in shapes}
             add_s.append(time.perf_counter() - t0)
+            add_faults.append(minor_faults() - f0)
             del added
         early, late = "task2", f"task{args.late_task}"
         results[f"{n_shards}_shards"] = {
@@ -208,6 +231,12 @@ def main() -> None:
                 max(statistics.median(peaks[late]), 1.0) / max(statistics.median(peaks[early]), 1.0), 3
             ),
             "plain_add_s": summary(add_s),
+            # first touches of fresh memory (4 KiB pages) in the timed region: what the allocator
+            # hands out decides them, and each costs microseconds
+            "minor_page_faults_median": {
+                "merge": {label: int(statistics.median(v)) for label, v in faults.items()},
+                "plain_add": int(statistics.median(add_faults)),
+            },
             "add_over_merge_throughput": {
                 "min": round(min(add_s) / statistics.median(times[late]), 3),
                 "median": round(statistics.median(add_s) / statistics.median(times[late]), 3),
@@ -228,7 +257,7 @@ def main() -> None:
             {
                 "benchmark": "merge_cost",
                 "machine": f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-                f"load average {os.getloadavg()[0]:.1f} at end",
+                f"load average {os.getloadavg()[0]:.1f} at end" + (f"; {args.machine}" if args.machine else ""),
                 "other_load_present": True,
                 "model_shapes": f"SmolLM2-135M ({config_source})",
                 "config": config,

@@ -10,33 +10,29 @@ F_i the diagonal empirical Fisher of task i at its expert θ*_i. Setting the der
     α_t = Σ_{i≤t} (θ*_i − θ̂_{t-1})ᵀ F_i Δ_t  /  Σ_{i≤t} Δ_tᵀ F_i Δ_t,     then clip to [0, 1].
 
 ``optimal_alpha`` evaluates this over the full history (the reference form). ``CurvatureAccumulator``
-is our constant-memory exact form: with Φ = Σ_{i<t} F_i and Ψ = Σ_{i<t} F_i ⊙ θ*_i,
+(accumulator.py) is our constant-memory exact form: with Φ = Σ_{i<t} F_i and Ψ = Σ_{i<t} F_i ⊙ θ*_i,
 
     num = ⟨F_t, Δ_t²⟩ + ⟨Ψ − Φ ⊙ θ̂_{t-1}, Δ_t⟩,    den = ⟨Φ + F_t, Δ_t²⟩,
 
 and after the merge Φ += F_t, Ψ += F_t ⊙ θ*_t. Every term is a sum over modules, so (num, den) are
 returned per module ("partials"): shards of the modules can be solved on different actors and their
 partials added before dividing. θ is always relative to W0 (the formula is shift invariant and the
-magnitudes stay small); accumulators are float32, dot products float64.
+magnitudes stay small).
+
+The constant-memory form and its numerics: pm_ray/core/accumulator.py.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
 from pm_ray.core.tensors import (
-    TensorDict,
     check_fisher,
     check_same_layout,
     dot64,
-    load_tensors,
-    save_tensors,
-    split_prefixed,
-    with_prefix,
 )
 
 Partials = dict[str, tuple[float, float]]
@@ -139,97 +135,3 @@ def optimal_alpha(
         den = sum(dot64(fisher[key] * d, d) for fisher in fishers)
         partials[key] = (num, den)
     return alpha_from_partials(partials, per_module=per_module, clip=clip)
-
-
-class CurvatureAccumulator:
-    """Constant-memory exact α: Φ = Σ_{i<t} F_i and Ψ = Σ_{i<t} F_i ⊙ θ*_i per module (float32).
-
-    Holds any subset of the modules, so K accumulators can each own a shard: combine their
-    ``partials`` with :func:`add_partials` and divide with :func:`alpha_from_partials`.
-    """
-
-    def __init__(self) -> None:
-        self.phi: TensorDict = {}
-        self.psi: TensorDict = {}
-        self.num_tasks = 0
-
-    def _check(
-        self,
-        delta: Mapping[str, torch.Tensor],
-        fisher: Mapping[str, torch.Tensor],
-        merged_prev: Mapping[str, torch.Tensor] | None,
-    ) -> None:
-        check_same_layout(delta, fisher, reference_name="delta", other_name="fisher")
-        check_fisher(fisher)
-        if merged_prev is not None:
-            check_same_layout(delta, merged_prev, reference_name="delta", other_name="merged_prev")
-        if self.num_tasks:
-            check_same_layout(self.phi, delta, reference_name="the accumulator's modules", other_name="delta")
-
-    def partials(
-        self,
-        delta: Mapping[str, torch.Tensor],
-        fisher: Mapping[str, torch.Tensor],
-        merged_prev: Mapping[str, torch.Tensor],
-    ) -> Partials:
-        """(num_m, den_m) for the new task t per module, before it is absorbed."""
-        self._check(delta, fisher, merged_prev)
-        out: Partials = {}
-        for key, d in delta.items():
-            d64 = d.double()  # converted once per module; d² is exact in float64
-            d_sq = d64 * d64
-            num = dot64(fisher[key], d_sq)
-            den = num
-            if self.num_tasks:
-                phi, psi = self.phi[key], self.psi[key]
-                num += dot64(torch.addcmul(psi, phi, merged_prev[key].float(), value=-1.0), d64)  # Ψ − Φ⊙θ̂
-                den += dot64(phi, d_sq)
-            out[key] = (num, den)
-        return out
-
-    def alpha(
-        self,
-        delta: Mapping[str, torch.Tensor],
-        fisher: Mapping[str, torch.Tensor],
-        merged_prev: Mapping[str, torch.Tensor],
-        *,
-        per_module: bool = False,
-        clip: bool = True,
-    ) -> Alpha:
-        return alpha_from_partials(self.partials(delta, fisher, merged_prev), per_module=per_module, clip=clip)
-
-    def absorb(self, fisher: Mapping[str, torch.Tensor], expert: Mapping[str, torch.Tensor]) -> None:
-        """Add task t after its merge: Φ += F_t, Ψ += F_t ⊙ θ*_t (θ*_t relative to W0)."""
-        check_same_layout(fisher, expert, reference_name="fisher", other_name="expert")
-        check_fisher(fisher)
-        if self.num_tasks:
-            check_same_layout(self.phi, fisher, reference_name="the accumulator's modules", other_name="fisher")
-        for key, f in fisher.items():
-            f32 = f.detach().float().cpu()
-            theta = expert[key].detach().float().cpu()
-            if self.num_tasks:
-                self.phi[key] += f32
-                self.psi[key].addcmul_(f32, theta)  # Ψ += F ⊙ θ* in one pass, no temporary
-            else:
-                self.phi[key] = f32.clone()
-                self.psi[key] = f32 * theta
-        self.num_tasks += 1
-
-    def state_dict(self) -> TensorDict:
-        return {**with_prefix(self.phi, "phi"), **with_prefix(self.psi, "psi")}
-
-    def save(self, path: str | Path) -> None:
-        save_tensors(path, self.state_dict(), {"kind": "curvature_accumulator", "num_tasks": self.num_tasks})
-
-    @classmethod
-    def load(cls, path: str | Path) -> CurvatureAccumulator:
-        tensors, meta = load_tensors(path)
-        if meta.get("kind") != "curvature_accumulator":
-            raise ValueError(f"{path}: not a curvature accumulator (metadata kind={meta.get('kind')!r})")
-        acc = cls()
-        acc.num_tasks = int(meta["num_tasks"])  # type: ignore[arg-type]
-        acc.phi = split_prefixed(tensors, "phi")
-        acc.psi = split_prefixed(tensors, "psi")
-        if set(acc.phi) != set(acc.psi):
-            raise ValueError(f"{path}: phi and psi cover different modules")
-        return acc

@@ -64,6 +64,40 @@ class FisherShard:
             raise ValueError("FisherShard.reduce: no shards given; expected at least one")
         return functools.reduce(FisherShard.merge, shards)
 
+    @classmethod
+    def mean_of(
+        cls, shards: Sequence[FisherShard], out: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """F = (S_0 + S_1 + ...) / N with the shards added in the order given: bit for bit
+        ``reduce(shards).mean()``. ``out``: tensors to write F into where the layout matches and no
+        shard holds them (the previous task's F, which its owner no longer needs), so a task pays
+        no F-sized allocation and its page faults."""
+        if not shards:
+            raise ValueError("FisherShard.mean_of: no shards given; expected at least one")
+        first = shards[0].sums
+        if not all(t.dtype == torch.float32 for shard in shards for t in shard.sums.values()):
+            return cls.reduce(shards).mean()
+        for other in shards[1:]:
+            check_same_layout(first, other.sums, reference_name="fisher shard", other_name="merged fisher shard")
+        count = sum(shard.count for shard in shards)
+        if count == 0:
+            raise ValueError("FisherShard.mean: count is 0 (no examples); expected at least one example")
+        mean: dict[str, torch.Tensor] = {}
+        for key, total in first.items():
+            inputs = [shard.sums[key] for shard in shards]
+            buffer = (out or {}).get(key)
+            if buffer is None or buffer.shape != total.shape or any(buffer is t for t in inputs):
+                buffer = torch.empty_like(total, memory_format=torch.contiguous_format)
+            if len(inputs) == 1:
+                torch.div(total, count, out=buffer)
+            else:
+                torch.add(inputs[0], inputs[1], out=buffer)
+                for other in inputs[2:]:
+                    buffer.add_(other)
+                buffer.div_(count)
+            mean[key] = buffer
+        return mean
+
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
     """ℓ_n for every example of the batch (float32, shape (N,)).

@@ -36,15 +36,16 @@ class MergeShard:
         self.strategy_name, self.options = strategy, dict(options)
         self.shard, self.num_shards = shard, num_shards
         self.stats_dir = Path(stats_dir)
-        self.strategy: MergeStrategy = build_strategy(strategy, **self.options)
+        self.strategy: MergeStrategy = self._build()
         self.fisher: dict[int, FisherShard] = {}  # by data-parallel rank, summed in rank order
         self.fisher_task = 0
         self.fisher_mean: TensorDict | None = None  # F_t of fisher_task, from all ranks' shards
+        self._fisher_buffers: TensorDict = {}  # the last F_t's tensors, written over by the next
 
     def sync(self, completed: int, state_file: str | None) -> int:
         """Make the in-memory state that of the last committed task (idempotent)."""
         if self.strategy.num_tasks != completed:
-            self.strategy = build_strategy(self.strategy_name, **self.options)
+            self.strategy = self._build()
             if completed:
                 if state_file is None:
                     raise ValueError(
@@ -53,6 +54,13 @@ class MergeShard:
                 self.strategy.load(state_file)
         self.fisher, self.fisher_task, self.fisher_mean = {}, 0, None
         return self.strategy.num_tasks
+
+    def _build(self) -> MergeStrategy:
+        """The strategy, told it may update θ̂ in place: the shard hands out no result of its merge
+        but α and the state file, and current() returns copies through Ray."""
+        strategy = build_strategy(self.strategy_name, **self.options)
+        strategy.in_place = True
+        return strategy
 
     def add_fisher(self, task: int, sums: TensorDict, count: int, rank: int = 0) -> None:
         """Rank `rank`'s Fisher sums for `task`. They are added in rank order when the task is merged,
@@ -69,9 +77,17 @@ class MergeShard:
             if not self.fisher or self.fisher_task != task:
                 raise ValueError(f"merge shard {self.shard}: no Fisher received for task {task}")
             if self.fisher_mean is None:  # once a task: the two-phase solve asks for it twice
-                self.fisher_mean = FisherShard.reduce(self.fisher[r] for r in sorted(self.fisher)).mean()
+                self.fisher_mean = self._mean_fisher()
             fisher = self.fisher_mean
         return TaskUpdate(task=task, delta=delta, fisher=fisher, extras=extras or {})
+
+    def _mean_fisher(self) -> TensorDict:
+        """F_t from the ranks' shards in rank order, written into the last task's F tensors (nothing
+        else holds them)."""
+        self._fisher_buffers = FisherShard.mean_of(
+            [self.fisher[r] for r in sorted(self.fisher)], out=self._fisher_buffers
+        )
+        return self._fisher_buffers
 
     def partials(self, task: int, delta: TensorDict) -> dict[str, tuple[float, float]]:
         return self.strategy.partials(self._update(task, delta))

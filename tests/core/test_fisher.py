@@ -195,3 +195,23 @@ def test_fisher_under_bf16_autocast_is_close_to_fp32(tiny_llama_lora, make_causa
         assert tensor.dtype == torch.float32
         rel = (tensor - expected[key]).norm() / expected[key].norm()
         assert rel < 0.05, (key, float(rel))
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_mean_of_is_reduce_then_mean_bit_for_bit_and_writes_into_out(num_shards: int) -> None:
+    gen = torch.Generator().manual_seed(num_shards)
+    shapes = {"a": (5, 7), "b": (3,)}
+    shards = [
+        FisherShard({k: torch.rand(s, generator=gen) for k, s in shapes.items()}, count=3 + i)
+        for i in range(num_shards)
+    ]
+    expected = FisherShard.reduce(shards).mean()
+    out = {"a": torch.full((5, 7), -1.0), "b": torch.full((4,), -1.0)}  # b: another shape, not used
+    got = FisherShard.mean_of(shards, out=out)
+    assert all(torch.equal(got[k], expected[k]) for k in shapes)
+    assert got["a"] is out["a"] and got["b"] is not out["b"]
+    # a shard's own tensor is never written into, even when offered as out
+    again = FisherShard.mean_of(shards, out={"a": shards[0].sums["a"]})
+    assert again["a"] is not shards[0].sums["a"] and torch.equal(again["a"], expected["a"])
+    with pytest.raises(ValueError, match="count is 0"):
+        FisherShard.mean_of([FisherShard({"a": torch.zeros(2)}, count=0)])

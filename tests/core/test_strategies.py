@@ -255,3 +255,72 @@ def test_strategies_say_what_they_are() -> None:
         and build_strategy("pm").record_steps(10) == []
     )
     assert build_strategy("trm", steps=2).worker_batches == 2 and build_strategy("trm").worker_batches == 4
+
+
+def pm_after_two_tasks():
+    deltas, fishers = stream(7)
+    strategy = build_strategy("pm")
+    run(strategy, deltas[:2], fishers[:2])
+    return strategy, deltas[2], fishers[2]
+
+
+def pm_state(strategy) -> list[torch.Tensor]:
+    acc = strategy.accumulator
+    return [t.clone() for d in (strategy.merged, acc.phi, acc.psi) for t in d.values()]
+
+
+def test_the_two_phases_read_each_tensor_once_for_its_checks(monkeypatch) -> None:
+    """partials() then merge() on the same tensors (in-process, as the merge shard does): one
+    min/max pass over each F module, none over Δ (its finiteness shows in the partial sums); a Δ
+    that arrives as new tensors for the merge (through Ray) is checked there once."""
+    from pm_ray.core import tensors
+
+    scanned: list[int] = []
+    real = tensors._min_max
+    monkeypatch.setattr(tensors, "_min_max", lambda t: scanned.append(id(t)) or real(t))
+    strategy, delta, fisher = pm_after_two_tasks()
+    scanned.clear()
+    update = TaskUpdate(task=3, delta=delta, fisher=fisher)
+    strategy.merge(update, alpha=strategy.solve_alpha(strategy.partials(update)))
+    assert sorted(scanned) == sorted(id(f) for f in fisher.values())
+    strategy, delta, fisher = pm_after_two_tasks()
+    update = TaskUpdate(task=3, delta=delta, fisher=fisher)
+    alpha = strategy.solve_alpha(strategy.partials(update))
+    scanned.clear()
+    copies = {k: d.clone() for k, d in delta.items()}
+    strategy.merge(TaskUpdate(task=3, delta=copies, fisher=fisher), alpha=alpha)
+    assert sorted(scanned) == sorted(id(d) for d in copies.values())
+
+
+def test_a_tensor_changed_after_the_partials_is_checked_again_and_nothing_changes() -> None:
+    strategy, delta, fisher = pm_after_two_tasks()
+    update = TaskUpdate(task=3, delta=delta, fisher=fisher)
+    alpha = strategy.solve_alpha(strategy.partials(update))
+    before = pm_state(strategy)
+    delta["a.v_proj"][1, 1] = float("inf")  # in place: the version counter moves
+    with pytest.raises(ValueError, match=r"delta of task 3\['a.v_proj'\] contains NaN or Inf"):
+        strategy.merge(update, alpha=alpha)
+    fisher["a.v_proj"][0, 0] = -1.0
+    delta["a.v_proj"][1, 1] = 0.0
+    with pytest.raises(ValueError, match=r"fisher of task 3\['a.v_proj'\] has negative entries"):
+        strategy.merge(update, alpha=alpha)
+    assert strategy.num_tasks == 2 and strategy.accumulator.num_tasks == 2
+    assert all(torch.equal(a, b) for a, b in zip(pm_state(strategy), before))
+
+
+@pytest.mark.parametrize("per_module", [False, True])
+def test_pm_in_place_writes_the_same_bits_into_the_old_tensors(per_module: bool) -> None:
+    """in_place (the merge actor's setting): θ̂_t lands in θ̂_{t-1}'s tensors, with the bits, α and
+    accumulators of the merge into new tensors."""
+    deltas, fishers = stream(8)
+    fresh, in_place = build_strategy("pm", per_module=per_module), build_strategy("pm", per_module=per_module)
+    in_place.in_place = True
+    for t, (d, f) in enumerate(zip(deltas, fishers), start=1):
+        before = dict(in_place.merged)
+        a, b = fresh.merge(TaskUpdate(task=t, delta=d, fisher=f)), in_place.merge(TaskUpdate(task=t, delta=d, fisher=f))
+        assert a.alpha == b.alpha
+        for key in KEYS:
+            assert torch.equal(a.merged[key], b.merged[key]) and b.start_next[key] is b.merged[key]
+            assert torch.equal(fresh.accumulator.phi[key], in_place.accumulator.phi[key])
+            assert torch.equal(fresh.accumulator.psi[key], in_place.accumulator.psi[key])
+            assert t == 1 or b.merged[key] is before[key]  # no new θ̂ tensor after the first task

@@ -45,3 +45,21 @@ def test_check_fisher_refuses_negative_entries_and_accepts_zeros():
     with pytest.raises(ValueError, match=r"fisher of task 3\['m'\] has negative entries \(min -0.0025\)"):
         check_fisher({"m": f}, name="fisher of task 3")
     check_fisher({"m": torch.zeros(5, 6), "empty": torch.zeros(0)})
+
+
+def test_check_cache_trusts_only_the_same_unchanged_tensor():
+    cache = tensors.CheckCache()
+    t = torch.rand(3, 4)
+    check_finite({"m": t}, name="delta", cache=cache)
+    assert cache.passed("finite", t) and not cache.passed("fisher", t)
+    assert not cache.passed("finite", t.clone())  # equal values, another tensor
+    t[0, 0] = float("nan")  # in place: the version counter moves, so it is checked again
+    assert not cache.passed("finite", t)
+    with pytest.raises(ValueError, match=r"delta\['m'\] contains NaN"):
+        check_finite({"m": t}, name="delta", cache=cache)
+    with torch.inference_mode():
+        frozen = torch.rand(2)
+    check_fisher({"m": frozen}, cache=cache)  # no version counter: never cached
+    assert not cache.passed("fisher", frozen)
+    cache.clear()
+    assert not cache._passed

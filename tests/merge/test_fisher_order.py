@@ -38,3 +38,45 @@ def test_a_resent_shard_replaces_the_earlier_one_and_a_new_task_starts_afresh(tm
     shard.add_fisher(2, {"m": torch.tensor([8.0])}, count=2, rank=1)
     fisher = shard._update(2, {"m": torch.tensor([1.0])}).fisher
     assert fisher is not None and fisher["m"].item() == 4.0
+
+
+def test_the_fisher_mean_is_written_into_last_tasks_tensors_bit_for_bit(tmp_path) -> None:
+    """F_t = (Σ_r S_r) / N into the previous task's F tensors: FisherShard.reduce(...).mean()'s
+    bits, with 1, 2 and 3 ranks, and the ranks' sums are left as they were."""
+    shard = MergeShard("pm", {}, 0, 1, str(tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    delta = {"m": torch.randn(3, 4, generator=gen), "n": torch.randn(5, generator=gen)}
+    storage = None
+    for task, ranks in enumerate((1, 2, 3, 1), start=1):
+        sums = [{k: torch.rand(v.shape, generator=gen) * 7 for k, v in delta.items()} for _ in range(ranks)]
+        kept = [{k: v.clone() for k, v in s.items()} for s in sums]
+        for rank, s in enumerate(sums):
+            shard.add_fisher(task, s, count=3 + rank, rank=rank)
+        fisher = shard._update(task, delta).fisher
+        assert fisher is not None
+        expected = FisherShard.reduce(FisherShard(s, 3 + r) for r, s in enumerate(kept)).mean()
+        assert all(torch.equal(fisher[k], expected[k]) for k in delta)
+        assert all(torch.equal(s[k], c[k]) for s, c in zip(sums, kept) for k in delta)
+        pointers = {k: v.data_ptr() for k, v in fisher.items()}
+        assert storage is None or pointers == storage  # the same memory every task
+        storage = pointers
+        shard.strategy.merge(shard._update(task, delta), alpha=None)
+
+
+def test_the_shard_merges_in_place_with_the_bits_of_a_fresh_strategy(tmp_path) -> None:
+    """The shard lets its strategy write θ̂ in place (it hands out no merge result): the state after
+    three tasks is bit for bit a strategy's that allocates every θ̂_t anew."""
+    from pm_ray.core.strategies import TaskUpdate, build_strategy
+
+    shard, reference = MergeShard("pm", {}, 0, 1, str(tmp_path)), build_strategy("pm")
+    assert shard.strategy.in_place and not reference.in_place
+    gen = torch.Generator().manual_seed(3)
+    for task in (1, 2, 3):
+        delta = {"m": torch.randn(3, 4, generator=gen)}
+        sums = {"m": torch.rand(3, 4, generator=gen)}
+        shard.add_fisher(task, sums, count=2, rank=0)
+        info = shard.merge(task, delta, alpha=None)
+        expected = reference.merge(TaskUpdate(task=task, delta=delta, fisher={"m": sums["m"] / 2}))
+        assert info["alpha"] == expected.alpha
+        assert torch.equal(shard.strategy.merged["m"], expected.merged["m"])
+        assert torch.equal(shard.strategy.accumulator.psi["m"], reference.accumulator.psi["m"])

@@ -24,6 +24,7 @@ import torch
 from pm_ray.core.coefficient import Alpha, Partials
 from pm_ray.core.strategies.options import StrategyOptions, validate_options
 from pm_ray.core.tensors import (
+    CheckCache,
     TensorDict,
     check_finite,
     check_same_layout,
@@ -97,6 +98,11 @@ class MergeStrategy(ABC):
         self.merged: TensorDict = {}
         self.start: TensorDict = {}
         self.num_tasks = 0
+        self.checks = CheckCache()  # tensors of the current task already checked (partials, then merge)
+        # An owner that keeps no earlier MergeResult (the merge actor) may let a strategy write
+        # θ̂_t into θ̂_{t-1}'s tensors: no θ̂-sized allocation, its page faults or its memory per
+        # task. The merged dict of an earlier task's result then changes with the state.
+        self.in_place = False
 
     # ---- the merge -------------------------------------------------------------------------
     def partials(self, update: TaskUpdate) -> Partials:
@@ -135,20 +141,24 @@ class MergeStrategy(ABC):
         merged, start_next, used_alpha = self._merge(update, alpha)
         self.merged, self.start = merged, start_next
         self.num_tasks = update.task
+        self.checks.clear()  # the next task checks its tensors afresh
         return MergeResult(alpha=used_alpha, merged=merged, start_next=start_next)
 
     @abstractmethod
     def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, Alpha | None]:
         """Return (merged, start_next, alpha used)."""
 
-    def _validate(self, update: TaskUpdate) -> None:
+    def _validate(self, update: TaskUpdate, *, check_delta: bool = True) -> None:
+        """Task order and layouts, and Δ_t finite unless ``check_delta`` is false (a caller whose
+        own pass over Δ_t shows a NaN/Inf, e.g. the P&M partials)."""
         if update.task != self.num_tasks + 1:
             raise ValueError(
                 f"{self.name}: got task {update.task}, expected task {self.num_tasks + 1} (tasks merge in order)"
             )
         if not update.delta:
             raise ValueError(f"{self.name}: task {update.task} has an empty delta (no adapted modules)")
-        check_finite(update.delta, name=f"delta of task {update.task}")
+        if check_delta:
+            check_finite(update.delta, name=f"delta of task {update.task}", cache=self.checks)
         if self.num_tasks:
             check_same_layout(
                 self.merged, update.delta, reference_name="the merged state", other_name=f"delta of task {update.task}"

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from pm_ray.core.coefficient import Alpha, CurvatureAccumulator, Partials
+from pm_ray.core.accumulator import CurvatureAccumulator
+from pm_ray.core.coefficient import Alpha, Partials
 from pm_ray.core.strategies.base import TaskUpdate
 from pm_ray.core.strategies.line import PerturbAndMerge
 from pm_ray.core.tensors import TensorDict, check_fisher
@@ -84,7 +85,7 @@ class FisherElementwise(PerturbAndMerge):
     def _fisher(self, update: TaskUpdate) -> TensorDict:
         """F̃_t: the task's Fisher, normalised per module when asked."""
         assert update.fisher is not None
-        check_fisher(update.fisher, name=f"fisher of task {update.task}")
+        check_fisher(update.fisher, name=f"fisher of task {update.task}", cache=self.checks)
         if self.options.normalize_fisher:
             return normalize_per_module(update.fisher)
         return update.fisher
@@ -101,8 +102,11 @@ class FisherElementwise(PerturbAndMerge):
         return view
 
     def partials(self, update: TaskUpdate) -> Partials:
-        self._validate(update)
-        return self._decayed().partials(update.delta, self._fisher(update), self.previous(update))
+        self._validate(update, check_delta=False)  # Δ's finiteness shows in the partial sums
+        fisher = self._fisher(update)
+        return self._decayed().partials(
+            update.delta, fisher, self.previous(update), cache=self.checks, **self._names(update)
+        )
 
     def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, Alpha]:
         used = self.coefficient(update) if alpha is None else alpha

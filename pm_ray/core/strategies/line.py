@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from pydantic import field_validator
 
-from pm_ray.core.coefficient import Alpha, CurvatureAccumulator, Partials, alpha_from_partials
+from pm_ray.core.accumulator import CurvatureAccumulator
+from pm_ray.core.coefficient import Alpha, Partials, alpha_from_partials
 from pm_ray.core.strategies.base import MergeStrategy, TaskUpdate
 from pm_ray.core.strategies.options import StrategyOptions
 from pm_ray.core.tensors import TensorDict, split_prefixed, with_prefix
@@ -101,9 +102,15 @@ class PerturbAndMerge(LineMerge):
         self.accumulator = CurvatureAccumulator()
 
     def partials(self, update: TaskUpdate) -> Partials:
-        self._validate(update)
+        self._validate(update, check_delta=False)  # Δ's finiteness shows in the partial sums
         assert update.fisher is not None
-        return self.accumulator.partials(update.delta, update.fisher, self.previous(update))
+        return self.accumulator.partials(
+            update.delta, update.fisher, self.previous(update), cache=self.checks, **self._names(update)
+        )
+
+    def _names(self, update: TaskUpdate) -> dict[str, str]:
+        """How the accumulator's checks name this task's tensors."""
+        return {"delta_name": f"delta of task {update.task}", "fisher_name": f"fisher of task {update.task}"}
 
     @property
     def global_alpha(self) -> bool:
@@ -116,10 +123,25 @@ class PerturbAndMerge(LineMerge):
     def coefficient(self, update: TaskUpdate) -> Alpha:
         return self.solve_alpha(self.partials(update))
 
-    def _after_merge(self, update: TaskUpdate, merged_prev: TensorDict) -> None:
+    def _merge(self, update: TaskUpdate, alpha: Alpha | None) -> tuple[TensorDict, TensorDict, Alpha]:
+        """θ̂_t = θ̂_{t-1} + α_t Δ_t and the accumulator update, in one loop over the modules."""
+        used = self.coefficient(update) if alpha is None else alpha
         assert update.fisher is not None
-        expert = {key: merged_prev[key] + d.float() for key, d in update.delta.items()}
-        self.accumulator.absorb(update.fisher, expert)
+        merged = self.accumulator.absorb_step(
+            update.fisher,
+            self.previous(update),
+            update.delta,
+            alpha=used,
+            in_place=self.in_place,
+            cache=self.checks,
+            **self._names(update),
+        )
+        return merged, merged, used
+
+    def _after_merge(self, update: TaskUpdate, merged_prev: TensorDict) -> None:
+        """Absorb F_t with θ*_t = θ̂_{t-1} + Δ_t (for subclasses whose merge is not on the line)."""
+        assert update.fisher is not None
+        self.accumulator.absorb_step(update.fisher, merged_prev, update.delta, cache=self.checks, **self._names(update))
 
     def extra_state(self) -> TensorDict:
         return with_prefix(self.accumulator.state_dict(), "acc")
