@@ -161,6 +161,12 @@ class TrainerSection(Section):
     # node failure the group restarts on the nodes left); the STRICT_ forms refuse to place otherwise.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     batch_size: int = Field(8, ge=1)  # per worker
+    # Where each worker's training batches come from; the rows, their order and so the results are
+    # the same either way (docs/pipeline.md "Training data"). local: the worker reads its rows of the
+    # task table and tokenises them itself. ray_data: the driver gives the TorchTrainer one Ray
+    # Dataset per task and rank, tokenised by Ray Data tasks, read with ray.train.get_dataset_shard;
+    # a run without a TorchTrainer (engine=single, or one ddp worker) reads locally.
+    data_loader: Literal["local", "ray_data"] = "local"
     lr: float = Field(1e-3, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     steps_per_task: int = Field(60, ge=1)

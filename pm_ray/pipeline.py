@@ -169,24 +169,31 @@ def _start_tracking(cfg: RunConfig, run: RunDir, state: RunState) -> dict[str, A
 
 def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], stop: StopRequest) -> None:
     """The worker loop in this process (engine=single) or on a TorchTrainer's workers, whose
-    controller ``stop`` aborts on Ctrl-C / SIGTERM."""
+    controller ``stop`` aborts on Ctrl-C / SIGTERM; with trainer.data_loader=ray_data the trainer
+    also gets every rank's training rows as Ray Datasets (`_training_datasets`)."""
     from pm_ray.train.loop import train_loop_per_worker
 
     if cfg.trainer.engine == "single" or cfg.trainer.num_workers == 1 and cfg.trainer.engine != "deepspeed":
-        train_loop_per_worker({**loop_config, "in_ray_train": False})
+        # no TorchTrainer, so no datasets to hand it: trainer.data_loader=ray_data reads locally here
+        train_loop_per_worker({**loop_config, "in_ray_train": False, "data_loader": "local"})
         return
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pm_ray.data.ray_dataset import training_data_config
 
     class Trainer(TorchTrainer):
         def _register_sigint_handler(self, controller: Any) -> None:  # Ray Train's exits 1, silently
             stop.on_stop(lambda: _abort(controller))  # pm_ray.interrupt handles SIGINT/SIGTERM
 
     attempt = len(list((run.path / "ray").glob("train-*"))) if (run.path / "ray").exists() else 0
+    ray_data = cfg.trainer.data_loader == "ray_data"
     trainer = Trainer(
         train_loop_per_worker,
-        train_loop_config={**loop_config, "in_ray_train": True},
+        train_loop_config={**loop_config, "in_ray_train": True, "data_loader": cfg.trainer.data_loader},
+        datasets=_training_datasets(cfg, run) if ray_data else None,
+        dataset_config=training_data_config() if ray_data else None,
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
@@ -201,6 +208,34 @@ def _fit(cfg: RunConfig, run: RunDir, loop_config: dict[str, Any], stop: StopReq
         ),
     )
     trainer.fit()
+
+
+def _training_datasets(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
+    """trainer.data_loader=ray_data: one lazy Ray Dataset per (task still to train, rank), holding the
+    rows that rank trains on, in its order (`rank_training_dataset`). Only the tokenizer is loaded
+    here; the rows are tokenised by Ray Data tasks when the rank starts reading them."""
+    from pm_ray.data.ray_dataset import load_tokenizer, rank_training_dataset, train_dataset_name
+    from pm_ray.data.tokenize import task_batch_seed
+
+    state = run.read_state()
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    world_size = cfg.trainer.num_workers
+    datasets: dict[str, Any] = {}
+    for t, task in enumerate(run.load_tasks(state), start=1):
+        if t <= state.completed:  # a resumed run (or a Ray Train retry) never trains these again
+            continue
+        for rank in range(world_size):
+            datasets[train_dataset_name(t, rank)] = rank_training_dataset(
+                task,
+                tokenizer,
+                rank=rank,
+                world_size=world_size,
+                seed=task_batch_seed(cfg.trainer.seed, t),
+                batch_size=cfg.trainer.batch_size,
+                num_batches=cfg.trainer.steps_per_task,
+                max_length=cfg.trainer.max_length,
+            )
+    return datasets
 
 
 def _abort(controller: Any) -> None:

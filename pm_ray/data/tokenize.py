@@ -8,6 +8,7 @@ warned about (`TruncationWarning`), never silent.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -204,10 +205,51 @@ def epoch_order(num_rows: int, *, seed: int, epoch: int, rank: int, world_size: 
     return perm[shard_indices(num_rows, rank, world_size)]
 
 
+def task_batch_seed(seed: int, task: int) -> int:
+    """The seed of task ``task``'s (1-based) training batch order in a run with trainer.seed ``seed``."""
+    return seed * 1009 + task
+
+
+def batch_rows(num_rows: int, *, batch_size: int, rank: int, world_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless stream of this rank's batches as row indices, reshuffled (seeded) every epoch.
+
+    Batches are always full: an epoch's tail continues into the next epoch's order.
+    """
+    pending: list[int] = []
+    epoch = 0
+    while True:
+        while len(pending) < batch_size:
+            pending.extend(epoch_order(num_rows, seed=seed, epoch=epoch, rank=rank, world_size=world_size).tolist())
+            epoch += 1
+        take, pending = pending[:batch_size], pending[batch_size:]
+        yield take
+
+
+def training_rows(
+    num_rows: int, *, batch_size: int, num_batches: int, rank: int, world_size: int, seed: int
+) -> list[int]:
+    """The rows of this rank's first ``num_batches`` batches, in training order: what a rank trains
+    on in one task (``num_batches`` = trainer.steps_per_task), as the Ray Data loader ships it."""
+    rows: list[int] = []
+    batches = batch_rows(num_rows, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    for _ in range(num_batches):
+        rows.extend(next(batches))
+    return rows
+
+
 def _split_table(task: Task, split: str):
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return task.train if split == "train" else task.test
+
+
+def check_batch_feed(task: Task, split: str, *, batch_size: int, world_size: int) -> None:
+    """A split that can give every rank full batches (what `batch_iterator` and the Ray Data loader need)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows = _split_table(task, split).num_rows
+    if rows < world_size:
+        raise ValueError(f"task {task.name!r} {split}: {rows} rows cannot feed {world_size} ranks")
 
 
 def batch_iterator(
@@ -224,26 +266,32 @@ def batch_iterator(
 ) -> Iterator[dict[str, Tensor]]:
     """Endless stream of encoded batches over this rank's shard, reshuffled (seeded) every epoch.
 
-    Batches are always full: an epoch's tail continues into the next epoch's order.
+    Batches are always full: an epoch's tail continues into the next epoch's order (`batch_rows`).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_feed(task, split, batch_size=batch_size, world_size=world_size)
     table = _split_table(task, split)
-    if table.num_rows < world_size:
-        raise ValueError(f"task {task.name!r} {split}: {table.num_rows} rows cannot feed {world_size} ranks")
-    pending: list[int] = []
-    epoch = 0
-    while True:
-        while len(pending) < batch_size:
-            pending.extend(
-                epoch_order(table.num_rows, seed=seed, epoch=epoch, rank=rank, world_size=world_size).tolist()
-            )
-            epoch += 1
-        take, pending = pending[:batch_size], pending[batch_size:]
+    for take in batch_rows(table.num_rows, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed):
         rows = table.take(take).to_pylist()
         yield encode_examples(
             tokenizer, rows, max_length=max_length, kind=task.kind, label_names=task.labels, stats=stats
         )
+
+
+class BatchDigest:
+    """sha256 over every batch a rank trained on, in order (names, shapes and token ids): two runs
+    whose digests agree trained on identical batches, whichever loader made them."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def add(self, batch: Mapping[str, Tensor]) -> None:
+        for name in sorted(batch):
+            value = batch[name].detach().cpu().to(torch.long).contiguous()
+            self._sha.update(f"{name}{tuple(value.shape)}".encode())
+            self._sha.update(value.numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 def fisher_batches(

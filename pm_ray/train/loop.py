@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 import torch
@@ -28,7 +28,8 @@ from pm_ray.core.fisher import diagonal_fisher
 from pm_ray.core.lora import LoraFactors, lora_factors, lora_layers, task_vector
 from pm_ray.core.perturbation import Perturbation
 from pm_ray.core.strategies import build_strategy
-from pm_ray.data.tokenize import batch_iterator, fisher_batches
+from pm_ray.data.ray_dataset import RankTrainingShards
+from pm_ray.data.tokenize import BatchDigest, batch_iterator, fisher_batches, task_batch_seed
 from pm_ray.eval import evaluate_task
 from pm_ray.merge.actor import MergeClient, ensure_merge_actors
 from pm_ray.models.backbone import DTYPES
@@ -92,6 +93,33 @@ def fisher_shard(
     )
 
 
+def training_batches(
+    train_shards: RankTrainingShards | None,
+    cfg: RunConfig,
+    task: Any,
+    t: int,
+    tokenizer: Any,
+    rank: int,
+    world_size: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's training batches of task ``t``; the same batches from either loader.
+
+    ray_data (``train_shards``, when pipeline._fit gave the TorchTrainer its datasets): this rank's
+    Ray Dataset of the task, tokenised by Ray Data. local: read from the task table and tokenised here.
+    """
+    if train_shards is not None:
+        return train_shards.batches(t)
+    return batch_iterator(
+        task,
+        tokenizer,
+        batch_size=cfg.trainer.batch_size,
+        max_length=cfg.trainer.max_length,
+        rank=rank,
+        world_size=world_size,
+        seed=task_batch_seed(cfg.trainer.seed, t),
+    )
+
+
 def new_adapter(model: Any, cfg: RunConfig, task: int, previous: str | None) -> Any:
     """A fresh LoRA_t (new parameters, seeded identically on every rank); the old one is dropped."""
     name = f"task{task}"
@@ -121,6 +149,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     state = run.read_state()
     tasks = run.load_tasks(state)
+    train_shards = (  # data_loader=ray_data: opened here, so the first task's tokenising overlaps the model load
+        RankTrainingShards(rank, cfg.trainer.batch_size, state.completed + 1, len(tasks))
+        if loop_config.get("data_loader") == "ray_data"
+        else None
+    )
     # a shard lost with its node is recreated here (rank 0 chooses and holds the handles that keep it
     # alive, the other ranks look the same actors up by name), and restored from its files by sync
     shards = (
@@ -179,21 +212,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         engine = build_engine(cfg.trainer, model, trainable, bf16)
         model.train()
-        batches = batch_iterator(
-            task,
-            tokenizer,
-            batch_size=cfg.trainer.batch_size,
-            max_length=cfg.trainer.max_length,
-            rank=rank,
-            world_size=world_size,
-            seed=cfg.trainer.seed * 1009 + t,
-        )
+        batches = training_batches(train_shards, cfg, task, t, tokenizer, rank, world_size)
+        digest = BatchDigest()  # state.json records it: which batches this rank trained on
         losses: list[float] = []
         snapshots: list[dict[str, LoraFactors]] = []  # LoRA_t's trajectory, for a worker step
         diag: dict[str, Any] = {}
         for step in range(cfg.trainer.steps_per_task):
             interrupt.check()  # Ctrl-C / SIGTERM of an in-process run (engine=single)
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            batch = next(batches)
+            digest.add(batch)
+            batch = {k: v.to(device) for k, v in batch.items()}
             with perturbation.apply(model, rank=rank, step=step, adapter_name=adapter):
                 loss = engine.forward_loss(batch)
                 engine.backward(loss + orth.penalty())  # O-LoRA's terms (0.0 when off)
@@ -217,6 +245,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if n:
             diag["first_steps_loss_drop"] = losses[0] - losses[n - 1]
         diag["train_s"] = time.time() - t_start
+        diag["train_batches_sha256"] = all_gather_object(digest.hexdigest())  # by rank
         diag["forward_dtype"] = forward_dtype
         diag.update(weights.diagnostics(model))  # ZeRO-3: this rank's resident base-weight bytes
         if not weights.enabled:  # ZeRO-3: its hooks gather the weights, until after the evaluation

@@ -1,5 +1,6 @@
-"""The 2-worker DeepSpeed ZeRO-2 run that test_run.py (against DDP, MLflow, a rerun) and
-test_zero3.py (against ZeRO-3) both compare with: run once per session."""
+"""The 2-worker runs several test modules compare with, each run once per session: DeepSpeed ZeRO-2
+(test_run.py against DDP, MLflow, a rerun; test_zero3.py against ZeRO-3) and DDP (test_run.py;
+test_ray_data_loader.py, whose Ray Data run must train on the same batches)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,10 @@ def zero2_run(tmp_path_factory, ray_session) -> Any:
     """The stream under DeepSpeed ZeRO-2 (MLflow on): its RunSummary."""
     cfg = two_worker_config(tmp_path_factory.mktemp("deepspeed"), "deepspeed")
     return run_continual(config_from_dict(cfg), config_stem="deepspeed", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, ray_session) -> Any:
+    """The stream under DDP (MLflow on), local loader: its RunSummary."""
+    cfg = two_worker_config(tmp_path_factory.mktemp("ddp"), "ddp")
+    return run_continual(config_from_dict(cfg), config_stem="ddp", quiet=True)

@@ -48,10 +48,10 @@ def check_merged_equals_adapter_stack(run_dir: Path, state: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, zero2_run):
-    """The same 3-task stream under DeepSpeed ZeRO-2 (shared with test_zero3.py) and DDP, 2 CPU workers each."""
-    cfg = two_worker_config(tmp_path_factory.mktemp("ddp"), "ddp")
-    return {"deepspeed": zero2_run, "ddp": run_continual(config_from_dict(cfg), config_stem="ddp", quiet=True)}
+def runs(zero2_run, ddp_run):
+    """The same 3-task stream under DeepSpeed ZeRO-2 (shared with test_zero3.py) and DDP (shared
+    with test_ray_data_loader.py), 2 CPU workers each."""
+    return {"deepspeed": zero2_run, "ddp": ddp_run}
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "ddp"])
