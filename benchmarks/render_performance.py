@@ -26,8 +26,10 @@ FILES = (
     "merge_cost_all_linear.json",
     "precision_smollm2.json",
     "precision_smollm2_avx2.json",
+    "precision_smollm2_avx512bf16.json",
 )
-PRECISION_FILES = ("precision_smollm2.json", "precision_smollm2_avx2.json")  # a CPU with bf16, one without
+# CPUs with AMX + AVX512-BF16, with AVX512-BF16 only, and with neither
+PRECISION_FILES = ("precision_smollm2.json", "precision_smollm2_avx512bf16.json", "precision_smollm2_avx2.json")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -245,7 +247,8 @@ def render() -> str:
         "",
         "**`trainer.precision`**: fp32 vs bf16-mixed (fp32 weights, forwards under autocast(bf16)), SmolLM2-135M "
         "with rank-8 LoRA, sides alternating in one process (`benchmarks/precision.py`), on a CPU with bf16 "
-        "instructions and on one without (`precision: auto` picks bf16-mixed only on the first kind)",
+        "instructions (AMX, or AVX512-BF16 alone) and on one without (`precision: auto` picks bf16-mixed only "
+        "where the CPU has AMX or AVX512-BF16)",
         "",
         table(
             ["CPU bf16 flags", "work", "size", "fp32 s", "bf16-mixed s", "speed-up wall (CPU time)", "agreement"],

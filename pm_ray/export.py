@@ -34,6 +34,17 @@ from pm_ray.rundir import RunDir, read_json, write_json
 PEFT_PREFIX = "base_model.model."
 
 
+def check_instruction_run(run: RunDir, state: Any) -> None:
+    """Export writes causal-LM checkpoints; a classification run's product is its encoder plus one
+    head per task, which stay in the run directory."""
+    kinds = {read_json(run.data_dir(i, name) / "task.json")["kind"] for i, name in enumerate(state.task_names, 1)}
+    if kinds != {"instruction"}:
+        raise ValueError(
+            f"{run.path}: a classification run (per-task heads) is not exported; its merged encoder delta is "
+            "merged/delta.safetensors and each task's head tasks/<i>-<name>/head.safetensors"
+        )
+
+
 def load_merged_model(run_dir: Path) -> tuple[Any, Any, RunDir]:
     from pm_ray.models.backbone import DTYPES, load_backbone
 
@@ -41,6 +52,7 @@ def load_merged_model(run_dir: Path) -> tuple[Any, Any, RunDir]:
     state = run.read_state()
     if state.completed == 0:
         raise ValueError(f"{run.path}: no task has completed yet; nothing to load")
+    check_instruction_run(run, state)
     cfg = run.read_config()
     merged, _ = load_merged_delta(run)
     model, tokenizer = load_backbone(cfg.model.name_or_path, kind="instruction", dtype=DTYPES[cfg.model.dtype])
@@ -124,6 +136,7 @@ def export_adapter(run_dir: Path, out: Path, *, rank: int | None = None) -> dict
     state = run.read_state()
     if state.completed == 0:
         raise ValueError(f"{run.path}: no task has completed yet; nothing to export")
+    check_instruction_run(run, state)
     if rank is not None and rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}")
     cfg = run.read_config()

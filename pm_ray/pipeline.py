@@ -59,9 +59,6 @@ def _resolve_tasks(cfg: RunConfig, cache_dir: Path) -> list[Any]:
         )
     if cfg.tasks.limit:
         tasks = tasks[: cfg.tasks.limit]
-    kinds = {t.kind for t in tasks}
-    if kinds != {"instruction"}:
-        raise ConfigError(f"tasks: the continual pipeline trains instruction streams; got kinds {sorted(kinds)}")
     return tasks
 
 
@@ -101,6 +98,7 @@ def prepare_run_dir(cfg: RunConfig, run_name: str) -> RunDir:
             carve_validation(t, cfg.tasks.validation_rows, seed=cfg.tasks.seed, evaluate_on=cfg.eval.split)
             for t in tasks
         ]
+        preflight.check_task_kinds(cfg, tasks)
         preflight.check_tasks(cfg, tasks)
         hashes = {f"{i}-{t.name}": _write_task_data(tmp, i, t) for i, t in enumerate(tasks, start=1)}
         staged = RunDir(tmp)

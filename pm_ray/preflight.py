@@ -5,7 +5,8 @@ reject is rejected here, by the driver, before the run directory is written or R
     lora.targets           match modules of the backbone (its module tree built on the meta device)
     storage.path           is, or can be created as, a writable directory
     trainer.deepspeed_config   a JSON file that exists and holds a mapping
-    the task stream        every task has at least one training row per worker
+    the task stream        one kind of task (instruction or classification) on a backbone of that
+                           kind; every task has at least one training row per worker
 """
 
 from __future__ import annotations
@@ -100,6 +101,63 @@ def check_run(cfg: RunConfig) -> Path:
     check_lora_targets(cfg)
     check_deepspeed_config(cfg)
     return check_storage(cfg)
+
+
+def model_kind(name_or_path: str) -> str | None:
+    """'instruction' (a causal LM) or 'classification' (an encoder, given per-task heads), without
+    loading weights; None where only the hub knows (a hub id)."""
+    from pm_ray.models.backbone import bundled_model_dir
+
+    if name_or_path.startswith("tiny:"):
+        return "classification" if name_or_path == "tiny:bert" else "instruction"
+    if name_or_path.startswith("bundled:"):
+        return bundled_model_dir(name_or_path[len("bundled:") :])[1].kinds[0]
+    config = Path(name_or_path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        meta = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"model.name_or_path: {config} is not valid JSON ({err})") from None
+    causal = meta.get("is_decoder") or any(str(a).endswith("ForCausalLM") for a in meta.get("architectures") or [])
+    return "instruction" if causal else "classification"
+
+
+def check_task_kinds(cfg: RunConfig, tasks: list[Any]) -> None:
+    """A stream is all instruction tasks (a causal LM) or all classification tasks (an encoder with
+    one head per task, the P&M paper's class-incremental protocol)."""
+    from pm_ray.core.strategies import strategy_class
+
+    kinds = sorted({t.kind for t in tasks})
+    if len(kinds) > 1:
+        listing = ", ".join(f"{t.name} ({t.kind})" for t in tasks)
+        raise ConfigError(f"tasks: a stream holds one kind of task, instruction or classification; got {listing}")
+    kind, backbone = kinds[0], model_kind(cfg.model.name_or_path)
+    if backbone is not None and backbone != kind:
+        what = {"instruction": "a causal LM", "classification": "an encoder"}
+        examples = {
+            "instruction": "tiny:llama, bundled:smollm2-135m-instruct, ...",
+            "classification": "tiny:bert, bundled:minilm-l6, a BERT-style directory",
+        }
+        raise ConfigError(
+            f"model.name_or_path: {cfg.model.name_or_path!r} is {what[backbone]}, but the tasks are "
+            f"{kind} tasks ({', '.join(t.name for t in tasks)}), which need {what[kind]} ({examples[kind]})"
+        )
+    if kind != "classification":
+        return
+    problems = [
+        (cfg.trainer.engine == "deepspeed" and cfg.trainer.zero_stage == 3, "trainer.zero_stage=3"),
+        (
+            strategy_class(cfg.merge.strategy).has_worker_step,
+            f"merge.strategy={cfg.merge.strategy!r} (its objectives are defined on a causal LM's next-token logits)",
+        ),
+    ]
+    names = {t.name for t in tasks}
+    if len(names) < len(tasks):
+        problems.append((True, "two tasks with the same name (each task has its own head, keyed by name)"))
+    for bad, what in problems:
+        if bad:
+            raise ConfigError(f"tasks: a classification stream does not support {what}")
 
 
 def check_tasks(cfg: RunConfig, tasks: list[Any]) -> None:

@@ -5,8 +5,8 @@ training split from the rest, so the two never share an input. Draws are balance
 (round robin over the labels in sorted order, each label's examples in a seeded shuffle): with
 enough examples every label gets ⌊n/L⌋ or ⌈n/L⌉ rows; a label with too few rows gives all it has
 and the others fill in. The label of a row is its output for multiple-choice rows and for
-generation tasks with few distinct outputs (≤ `MAX_LABELS`); other generation tasks are drawn
-uniformly. The same (rows, seed, sizes) always give the same subsets.
+generation tasks with few distinct outputs (≤ `MAX_LABELS`), its `label` for classification rows
+(`text`, `label`); other generation tasks are drawn uniformly. The same (rows, seed, sizes) always give the same subsets.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ Row = dict[str, Any]
 
 
 def _key(row: Row) -> tuple[str, str]:
+    if "text" in row and "instruction" not in row:  # a classification row
+        return (str(row["text"]).strip(), "")
     return (str(row["instruction"]).strip(), str(row.get("input") or "").strip())
 
 
 def dedupe(rows: list[Row]) -> list[Row]:
-    """First occurrence of each (instruction, input): a repeated input would leak across splits."""
+    """First occurrence of each (instruction, input), or text: a repeated input would leak across splits."""
     seen: set[tuple[str, str]] = set()
     out = []
     for row in rows:
@@ -39,6 +41,8 @@ def dedupe(rows: list[Row]) -> list[Row]:
 
 def label_of(rows: list[Row]) -> list[str] | None:
     """Per-row labels used for balancing, or None when the task is open-ended generation."""
+    if "label" in rows[0] and "output" not in rows[0]:
+        return [str(r["label"]) for r in rows]
     outputs = [str(r["output"]) for r in rows]
     if "choices" in rows[0] or len(set(outputs)) <= MAX_LABELS:
         return outputs

@@ -2,7 +2,9 @@
 
 Each task adds its own head over its own classes, trained with that task. Prediction is either
 task-aware (argmax of the true task's head) or task-agnostic (argmax over the concatenated logits
-of all seen tasks' heads, i.e. over every class seen so far).
+of all seen tasks' heads, i.e. over every class seen so far). While a task trains, `active_task`
+names its head, so a forward without `task` (the training step, the Fisher pass, TRM's objective:
+code written for any model) computes that task's loss.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
+
+ACTIVE = "<active task>"  # forward's default `task`: the head of `active_task` (all heads when unset)
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -28,19 +32,25 @@ class TaskHeadClassifier(nn.Module):
         self.config = encoder.config
         self.heads = nn.ModuleDict()
         self.task_labels: dict[str, list[str]] = {}
+        self.active_task: str | None = None
         self._seed = seed
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The encoder's token embeddings (the Fisher pass hooks them when the adapter is frozen)."""
+        return self.encoder.get_input_embeddings()
 
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
-    def add_task(self, name: str, labels: list[str]) -> nn.Linear:
-        """Add (seeded) a head for task `name` over `labels`; returns it. Re-adding is an error."""
+    def add_task(self, name: str, labels: list[str], *, seed: int | None = None) -> nn.Linear:
+        """Add (seeded: `seed`, else from the classifier's seed and the head count) a head for task
+        `name` over `labels`; returns it. Re-adding is an error."""
         if name in self.heads:
             raise ValueError(f"task {name!r} already has a head")
         if len(labels) < 2:
             raise ValueError(f"task {name!r}: a classification head needs >= 2 labels, got {labels}")
-        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + len(self.heads))
+        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + len(self.heads) if seed is None else seed)
         head = nn.Linear(self.hidden_size, len(labels))
         with torch.no_grad():
             head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
@@ -55,10 +65,18 @@ class TaskHeadClassifier(nn.Module):
         return mean_pool(out.last_hidden_state, attention_mask)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, task: str | None = None, labels: Tensor | None = None, **_: Any
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        task: str | None = ACTIVE,
+        labels: Tensor | None = None,
+        **_: Any,
     ) -> SequenceClassifierOutput:
         """Logits of `task`'s head (with cross-entropy `.loss` when labels are given), or with
-        task=None the concatenated logits of all heads in the order they were added."""
+        task=None the concatenated logits of all heads in the order they were added; by default the
+        head of `active_task`."""
+        if task == ACTIVE:
+            task = self.active_task
         feats = self.features(input_ids, attention_mask)
         if task is None:
             logits = torch.cat([head(feats) for head in self.heads.values()], dim=-1)

@@ -3,7 +3,8 @@
 For each task t not yet committed in state.json, every worker
   a. sets the adapted weights to W0 + start_t (the merged model θ̂_{t-1}, or the previous expert),
   b. attaches a fresh LoRA_t and trains it with the task-vector perturbation (one forward and one
-     backward per step; it only rescales the LoRA_t branch) and O-LoRA's term if enabled,
+     backward per step; it only rescales the LoRA_t branch) and O-LoRA's term if enabled
+     (classification streams: with task t's own head, which the merge never touches),
   c. computes its shard of the diagonal empirical Fisher at the expert θ*_t,
   d. sends the Fisher shard (all ranks) and the task vector Δ_t (rank 0) to the merge actors,
   e. loads the merged state back and folds it into the base weights,
@@ -51,6 +52,7 @@ from pm_ray.train.engine import (
 )
 from pm_ray.train.merge_step import merge_task
 from pm_ray.train.orthogonal_state import OrthogonalState
+from pm_ray.train.task_heads import TaskHeads
 
 
 class NonFiniteLoss(RuntimeError):
@@ -192,6 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     record_at = set(strategy.record_steps(cfg.trainer.steps_per_task))
     w0: dict[str, torch.Tensor] = {}
     orth = OrthogonalState.for_run(cfg, run, tasks, state.completed, device)  # O-LoRA: the old tasks' A's
+    heads = TaskHeads.for_run(model, cfg, run, tasks, state.completed)  # classification: per-task heads
 
     for t, task in enumerate(tasks, start=1):
         if t <= state.completed:
@@ -204,6 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = new_adapter(model, cfg, t, adapter)
         adapter = f"task{t}"
         orth.begin_task(t, model, adapter)
+        heads.begin_task(t, task)
         if not w0:
             w0 = weights.read_w0(model, list(lora_layers(model, adapter)))
             if state.completed:
@@ -251,6 +255,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not weights.enabled:  # ZeRO-3: its hooks gather the weights, until after the evaluation
             engine.close()
         diag.update(orth.end_task(run.task_dir(t, task.name), write=rank == 0))
+        heads.end_task(run.task_dir(t, task.name), write=rank == 0)
 
         # c. Fisher shard at the expert θ*_t (LoRA params frozen: no engine hook may fire now),
         # when the merge uses it (sequential, averaging, ... do not)
