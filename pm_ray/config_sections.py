@@ -176,6 +176,11 @@ class TrainerSection(Section):
     # AVX512-BF16 that is ~1.5x faster training and ~2x faster scoring, on CPUs without them several
     # times slower (docs/performance.md). auto: bf16-mixed where each worker's hardware has bf16, else fp32.
     precision: Literal["auto", "fp32", "bf16-mixed"] = "fp32"
+    # Classification streams (one head per task): the training and Fisher cross-entropy of task t
+    # over task t's own classes (own: the old classes masked, as L2P / DualPrompt train) or over every
+    # seen task's classes (seen: heads 1..t-1 frozen, so the new LoRA and head also learn to beat the
+    # old classes on the new inputs; measured in docs/results.md, it makes sequential forget all).
+    head_logits: Literal["own", "seen"] = "own"
     seed: int = 0
     max_failures: int = Field(1, ge=0)
     log_every: int = Field(5, ge=1)

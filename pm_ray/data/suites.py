@@ -33,7 +33,8 @@ from pm_ray.data.schema import Task
 from pm_ray.data.sources import rows_to_table
 
 SUITE_VERSION = 1  # bump when a generator changes: cached suites of another version are rebuilt
-SUITES: tuple[str, ...] = ("bbni", "cit5")
+SUITES: tuple[str, ...] = ("bbni", "cit5", "textcls")
+SUITE_KINDS: dict[str, str] = {"bbni": "instruction", "cit5": "instruction", "textcls": "classification"}
 CIT5_TASKS: tuple[str, ...] = ("drug_sentiment", "arithmetic", "reverse_words", "python_output", "weekday")
 
 
@@ -173,9 +174,17 @@ def generate_bbni(*, variant: str, seed: int, choices_in_prompt: str = "auto") -
     return {t.name: (t.train, t.test) for t in load_sources(specs)}
 
 
+def generate_textcls(*, variant: str, seed: int) -> dict[str, tuple[pa.Table, pa.Table]]:
+    """The textcls classification stream from installed packages and BIG-bench (see data/textcls.py)."""
+    from pm_ray.data import textcls
+
+    return textcls.generate_textcls(variant=variant, seed=seed)
+
+
 GENERATORS: dict[str, Callable[..., dict[str, tuple[pa.Table, pa.Table]]]] = {
     "bbni": generate_bbni,
     "cit5": generate_cit5,
+    "textcls": generate_textcls,
 }
 
 
@@ -197,8 +206,8 @@ def build_suite(
     tables = None
     if choices_in_prompt not in ("auto", "list", "hide"):
         raise ValueError(f"choices_in_prompt {choices_in_prompt!r}: expected auto, list or hide")
-    if name == "cit5" and choices_in_prompt != "auto":
-        raise ValueError("tasks.choices_in_prompt applies to bbni (BIG-bench) tasks; cit5 has one prompt style")
+    if name != "bbni" and choices_in_prompt != "auto":
+        raise ValueError(f"tasks.choices_in_prompt applies to bbni (BIG-bench) tasks; {name} has one prompt style")
     directory = suite_dir(cache_dir, name, variant, seed, choices_in_prompt) if cache_dir is not None else None
     if directory is not None:
         tables = _load_cached(directory, name)
@@ -208,5 +217,6 @@ def build_suite(
         if directory is not None:
             _write_cache(directory, name, variant, seed, tables)
     return [
-        make_task(task, "instruction", train, test, source=f"{name}:{task}") for task, (train, test) in tables.items()
+        make_task(task, SUITE_KINDS[name], train, test, source=f"{name}:{task}")
+        for task, (train, test) in tables.items()
     ]

@@ -3,8 +3,10 @@
 Each task adds its own head over its own classes, trained with that task. Prediction is either
 task-aware (argmax of the true task's head) or task-agnostic (argmax over the concatenated logits
 of all seen tasks' heads, i.e. over every class seen so far). While a task trains, `active_task`
-names its head, so a forward without `task` (the training step, the Fisher pass, TRM's objective:
-code written for any model) computes that task's loss.
+names its head, so a forward without `task` (the training step, the Fisher pass: code written for
+any model) computes that task's loss: over its own classes, or with `over_seen` over every seen
+class, its own first (then a label's index is the same in both, and the cross-entropy
+−log softmax(z_own ⊕ z_others)[y] also pushes the earlier heads' logits down on the new inputs).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class TaskHeadClassifier(nn.Module):
         self.heads = nn.ModuleDict()
         self.task_labels: dict[str, list[str]] = {}
         self.active_task: str | None = None
+        self.over_seen = False
         self._seed = seed
 
     def get_input_embeddings(self) -> nn.Module:
@@ -75,9 +78,14 @@ class TaskHeadClassifier(nn.Module):
         """Logits of `task`'s head (with cross-entropy `.loss` when labels are given), or with
         task=None the concatenated logits of all heads in the order they were added; by default the
         head of `active_task`."""
+        feats = self.features(input_ids, attention_mask)
+        if task == ACTIVE and self.active_task is not None and self.over_seen:
+            own = self.heads[self.active_task]
+            logits = torch.cat([own(feats)] + [h(feats) for n, h in self.heads.items() if n != self.active_task], -1)
+            loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
         if task == ACTIVE:
             task = self.active_task
-        feats = self.features(input_ids, attention_mask)
         if task is None:
             logits = torch.cat([head(feats) for head in self.heads.values()], dim=-1)
         else:

@@ -1,11 +1,12 @@
 """Per-task classification heads on a training worker (classification streams; a no-op otherwise).
 
     heads = TaskHeads.for_run(model, cfg, run, tasks, state.completed)   # re-adds the committed heads
-    heads.begin_task(t, model, task)      # after LoRA_t is attached: a new head, the only one trained
+    heads.begin_task(t, task)             # after LoRA_t is attached: a new head, the only one trained
     heads.end_task(task_dir, write=rank == 0)   # freezes it; rank 0 writes it
 
-The protocol of the P&M paper's class-incremental experiments: task t trains LoRA_t and its own
-linear head over its own classes; the merge combines the encoder's task vectors only and never
+The class-incremental setting of the P&M paper (per-task heads the merge never scales): task t trains LoRA_t and its own
+linear head over its own classes (its loss over its own classes, trainer.head_logits=own, the
+default, or over every seen class, seen); the merge combines the encoder's task vectors only and never
 scales a head; evaluation scores every seen task task-agnostically over the concatenated heads
 (`pm_ray/eval/classification.py`). A head is seeded from (trainer.seed, t), the same on every rank
 and in a resumed run, and written to ``tasks/<i>-<name>/head.safetensors`` (atomic) before
@@ -36,15 +37,15 @@ def head_seed(seed: int, t: int) -> int:
 class TaskHeads:
     """The classifier's heads across the stream (`classifier` is None for instruction streams)."""
 
-    def __init__(self, classifier: TaskHeadClassifier | None, seed: int = 0) -> None:
-        self.classifier, self.seed = classifier, seed
+    def __init__(self, classifier: TaskHeadClassifier | None, seed: int = 0, over_seen: bool = False) -> None:
+        self.classifier, self.seed, self.over_seen = classifier, seed, over_seen
         self.current: str | None = None
         self.task = 0
 
     @classmethod
     def for_run(cls, model: Any, cfg: RunConfig, run: RunDir, tasks: list[Any], completed: int) -> TaskHeads:
         classifier = find_task_head_classifier(model)
-        heads = cls(classifier, cfg.trainer.seed)
+        heads = cls(classifier, cfg.trainer.seed, cfg.trainer.head_logits == "seen")
         if classifier is None:
             return heads
         for i in range(1, completed + 1):
@@ -75,6 +76,7 @@ class TaskHeads:
         head = self.classifier.add_task(task.name, list(task.labels), seed=head_seed(self.seed, t))
         head.requires_grad_(True)
         self.classifier.active_task = self.current = task.name
+        self.classifier.over_seen = self.over_seen
         self.task = t
 
     def end_task(self, task_dir: Path, *, write: bool) -> None:
