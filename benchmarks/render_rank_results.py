@@ -118,23 +118,36 @@ def render_summary(payload: Mapping[str, Any], *, wall_s: float | None, machine:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, command: str) -> argparse.ArgumentParser:
+    """The renderers' common arguments: the comparison JSON, its measured wall time, the machine."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("comparison", type=Path)
-    p.add_argument("--wall-s", type=float, default=None, help="measured wall time of `make rank`")
+    p.add_argument("--wall-s", type=float, default=None, help=f"measured wall time of `{command}`")
     p.add_argument("--machine", default="the 2-core CPU development machine")
-    p.add_argument("--candidates", default="pm", help="the P&M variants the goal is checked for")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    args = p.parse_args()
-    payload = as_payload(json.loads(args.comparison.read_text()))
-    results = ROOT / "benchmarks" / "results" / "rank_bbni.json"
-    if args.comparison.resolve() != results.resolve():
-        shutil.copyfile(args.comparison, results)
+    return p
+
+
+def publish(comparison: Path, results_name: str) -> dict[str, Any]:
+    """The comparison's payload; the JSON copied to benchmarks/results/<results_name> and its plots
+    to docs/img/ (unless it is that copy)."""
+    payload = as_payload(json.loads(comparison.read_text()))
+    results = ROOT / "benchmarks" / "results" / results_name
+    if comparison.resolve() != results.resolve():
+        shutil.copyfile(comparison, results)
         img = ROOT / "docs" / "img"
         img.mkdir(exist_ok=True)
-        for png in args.comparison.parent.glob(f"{args.comparison.stem}*.png"):
+        for png in comparison.parent.glob(f"{comparison.stem}*.png"):
             shutil.copyfile(png, img / png.name)
+    return payload
+
+
+def main() -> None:
+    p = parser(__doc__, "make rank")
+    p.add_argument("--candidates", default="pm", help="the P&M variants the goal is checked for")
+    args = p.parse_args()
+    payload = publish(args.comparison, "rank_bbni.json")
     candidates = [c for c in args.candidates.split(",") if c]
     block = render(payload, wall_s=args.wall_s, machine=args.machine, candidates=candidates)
     replace_block(args.doc, "rank-results", block)

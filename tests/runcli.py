@@ -76,3 +76,21 @@ def kill_after_first_commit(config: Path, run_dir: Path) -> dict:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return read_state(run_dir)
+
+
+def run_in_process_until_task_1_commits(cfg: Any, monkeypatch: Any) -> None:
+    """Run `cfg` in this process (engine single) and stop it right after task 1 commits (its
+    Ray Train report raises), leaving a run directory to resume."""
+    import pytest
+
+    from pm_ray.pipeline import run_continual
+    from pm_ray.train import checkpoints
+
+    def stop_after_task_1(metrics: dict, in_ray_train: bool) -> None:
+        if metrics["task"] == 1:
+            raise RuntimeError("stopped after task 1 (test)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "report", stop_after_task_1)
+        with pytest.raises(Exception, match="stopped after task 1"):
+            run_continual(cfg, quiet=True)

@@ -54,3 +54,28 @@ def test_goal_rows_check_each_criterion() -> None:
     assert "measured in 2.0 h on test box: 3 seeds (0, 1, 2), 200 test rows a task" in block and "#### Summary" in block
     summary = rrr.render_summary(payload, wall_s=None, machine="test box", candidates=["pm"])
     assert "| fisher_elementwise |" in summary and "ΔACC vs sequential (goal ≥ 0)" in summary
+
+
+_spec_c = importlib.util.spec_from_file_location(
+    "render_control_results", ROOT / "benchmarks" / "render_control_results.py"
+)
+rcr = importlib.util.module_from_spec(_spec_c)
+_spec_c.loader.exec_module(rcr)
+
+
+def test_control_claims_are_paired_differences() -> None:
+    runs = {
+        "sequential": [run("sequential", s, 0.30 + s / 100, 0.50, 0.40) for s in range(3)],
+        # merge_only: +0.10 ACC every seed, forgetting 0.4 -> 0.1
+        "merge_only": [run("merge_only", s, 0.40 + s / 100, 0.50, 0.10) for s in range(3)],
+        # pm: equal to merge_only on average, with spread
+        "pm": [run("pm", s, acc, 0.50, 0.10) for s, acc in enumerate((0.39, 0.41, 0.43))],
+    }
+    payload = build_payload("rank_cls", [0, 1, 2], runs)
+    rows = {r[1]: r for r in rcr.claim_rows(payload)}
+    assert set(rows) == {"merge_only − sequential", "pm − merge_only", "pm − sequential"}  # no pm_gaussian run
+    mo = rows["merge_only − sequential"]
+    assert mo[2].startswith("+0.100") and mo[2].endswith("(excludes 0)") and mo[4].startswith("-0.300")
+    assert rows["pm − merge_only"][2][1:].startswith("0.000") and "excludes" not in rows["pm − merge_only"][2]
+    block = rcr.render(payload, wall_s=1800.0, machine="test box")
+    assert "measured in 30 min on test box: 3 seeds (0, 1, 2), 200 test rows a task, task-agnostic" in block

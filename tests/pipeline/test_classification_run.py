@@ -16,7 +16,7 @@ from pm_ray.cli import main
 from pm_ray.config import config_from_dict
 from pm_ray.core.tensors import load_tensors
 from pm_ray.pipeline import run_continual
-from pm_ray.train import checkpoints
+from runcli import run_in_process_until_task_1_commits
 from tinyconfig import tiny_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -98,15 +98,7 @@ def test_heads_of_finished_tasks_are_not_trained_again(ray_session, stream, pm_r
 def test_resume_readds_the_committed_heads(ray_session, stream, pm_run, monkeypatch) -> None:
     storage, files = stream
     cfg = config_from_dict(cls_config(storage, "resumed", files))
-
-    def stop_after_task_1(metrics, in_ray_train) -> None:
-        if metrics["task"] == 1:
-            raise RuntimeError("stopped after task 1 (test)")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(checkpoints, "report", stop_after_task_1)
-        with pytest.raises(Exception, match="stopped after task 1"):
-            run_continual(cfg, quiet=True)
+    run_in_process_until_task_1_commits(cfg, monkeypatch)
     assert json.loads((storage / "resumed" / "state.json").read_text())["completed"] == 1
     resumed = run_continual(cfg, quiet=True)
     assert resumed.state.accuracy == pm_run.state.accuracy

@@ -14,8 +14,8 @@ from pm_ray.config import config_from_dict
 from pm_ray.core.orthogonal import overlap
 from pm_ray.core.tensors import load_tensors
 from pm_ray.pipeline import run_continual
-from pm_ray.train import checkpoints
 from pm_ray.train import orthogonal_state as orthogonal_state_module
+from runcli import run_in_process_until_task_1_commits
 from tinyconfig import tiny_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -75,15 +75,7 @@ def test_resume_loads_the_old_a_and_matches_the_uninterrupted_run(ray_session, r
     cfg = config_from_dict(
         olora_config(tmp_path / "runs", "resumed", merge={"strategy": "olora"}, orthogonal={"lam": BIG_LAM})
     )
-
-    def stop_after_task_1(metrics, in_ray_train) -> None:
-        if metrics["task"] == 1:
-            raise RuntimeError("stopped after task 1 (test)")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(checkpoints, "report", stop_after_task_1)
-        with pytest.raises(Exception, match="stopped after task 1"):
-            run_continual(cfg, quiet=True)
+    run_in_process_until_task_1_commits(cfg, monkeypatch)
     run_dir = tmp_path / "runs" / "resumed"
     assert json.loads((run_dir / "state.json").read_text())["completed"] == 1
 
