@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 from pm_ray.compare_results import build_payload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +81,23 @@ def test_control_claims_are_paired_differences() -> None:
     assert rows["pm − merge_only"][2][1:].startswith("0.000") and "excludes" not in rows["pm − merge_only"][2]
     block = rcr.render(payload, wall_s=1800.0, machine="test box")
     assert "measured in 30 min on test box: 3 seeds (0, 1, 2), 200 test rows a task, task-agnostic" in block
+
+
+_spec_m = importlib.util.spec_from_file_location("merge_comparisons", ROOT / "benchmarks" / "merge_comparisons.py")
+mc = importlib.util.module_from_spec(_spec_m)
+_spec_m.loader.exec_module(mc)
+
+
+def test_merged_comparison_equals_one_built_from_all_runs() -> None:
+    seq = [run("sequential", s, 0.30 + s / 100, 0.50, 0.40) for s in range(3)]
+    added = [run("merge_only", s, 0.33 + s / 50, 0.52, 0.20) for s in range(3)]
+    first = build_payload("rank", [0, 1, 2], {"sequential": seq})
+    later = build_payload("rank", [0, 1, 2], {"merge_only": added})
+    assert mc.merged_payload([first, later]) == build_payload(
+        "rank", [0, 1, 2], {"sequential": seq, "merge_only": added}
+    )
+    with pytest.raises(SystemExit, match="'sequential' is in more than one comparison"):
+        mc.merged_payload([first, first])
+    other = [{**r, "data_hashes": {"1-a": "other"}} for r in added]
+    with pytest.raises(SystemExit, match="ran on other data"):
+        mc.merged_payload([first, build_payload("rank", [0, 1, 2], {"merge_only": other})])
