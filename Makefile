@@ -70,6 +70,6 @@ rank: $(STAMP) data
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/rank.yaml $(DEMO_ARGS)
 
 # The classification control (the P&M paper's setting: per-task heads, bundled MiniLM, the textcls
-# stream; jobs/rank_cls.yaml): 6 strategies x 3 seeds, about 1.5 min a run on 2 CPU cores.
+# stream; jobs/rank_cls.yaml): 8 strategies x 3 seeds, about 1.5 min a run on 2 CPU cores.
 rank-cls: $(STAMP) data
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/rank_cls.yaml $(DEMO_ARGS)

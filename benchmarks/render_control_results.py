@@ -34,13 +34,18 @@ CLAIMS = (
 )
 
 
+# the head loss of each strategy's runs: trainer.head_logits own (no suffix) or seen (`_seen`)
+PROTOCOLS = (("", "own"), ("_seen", "seen"))
+
+
 def claim_rows(payload: Mapping[str, Any]) -> list[list[str]]:
     entries = {e["strategy"]: e for e in payload["strategies"]}
     rows = []
-    for claim, name, against in CLAIMS:
+    for (claim, base, base_against), (suffix, loss) in ((c, p) for p in PROTOCOLS for c in CLAIMS):
+        name, against = base + suffix, base_against + suffix
         if name not in entries or against not in entries:
             continue
-        cells = [claim, f"{name} − {against}"]
+        cells = [loss, claim, f"{name} − {against}"]
         for key in ("acc", "aaa", "forgetting"):
             cells.append(_diff_text(paired_difference(_per_seed(entries[name], key), _per_seed(entries[against], key))))
         rows.append(cells)
@@ -60,8 +65,8 @@ def _heading(payload: Mapping[str, Any], wall_s: float | None, machine: str) -> 
 
 
 def claims_table(payload: Mapping[str, Any]) -> str:
-    header = ["the paper's claim", "paired difference", "ΔACC", "ΔAAA", "Δforgetting"]
-    return _render(header, claim_rows(payload), [False, False, True, True, True], True)
+    header = ["head loss", "the paper's claim", "paired difference", "ΔACC", "ΔAAA", "Δforgetting"]
+    return _render(header, claim_rows(payload), [False, False, False, True, True, True], True)
 
 
 def render(payload: Mapping[str, Any], *, wall_s: float | None, machine: str) -> str:

@@ -34,29 +34,38 @@ from pm_ray.rundir import RunDir, read_json, write_json
 PEFT_PREFIX = "base_model.model."
 
 
+def run_kind(run: RunDir, state: Any) -> str:
+    """'instruction' or 'classification' (a stream holds one kind; the pipeline checks it at load)."""
+    return str(read_json(run.data_dir(1, state.task_names[0]) / "task.json")["kind"])
+
+
 def check_instruction_run(run: RunDir, state: Any) -> None:
     """Export writes causal-LM checkpoints; a classification run's product is its encoder plus one
     head per task, which stay in the run directory."""
-    kinds = {read_json(run.data_dir(i, name) / "task.json")["kind"] for i, name in enumerate(state.task_names, 1)}
-    if kinds != {"instruction"}:
+    if run_kind(run, state) != "instruction":
         raise ValueError(
             f"{run.path}: a classification run (per-task heads) is not exported; its merged encoder delta is "
-            "merged/delta.safetensors and each task's head tasks/<i>-<name>/head.safetensors"
+            "merged/delta.safetensors and each task's head tasks/<i>-<name>/head.safetensors (`pm-ray eval` "
+            "scores it)"
         )
 
 
 def load_merged_model(run_dir: Path) -> tuple[Any, Any, RunDir]:
+    """The backbone with the merged delta folded in; for a classification run, with the head of
+    every completed task added back from its file."""
     from pm_ray.models.backbone import DTYPES, load_backbone
+    from pm_ray.train.task_heads import TaskHeads
 
     run = RunDir(run_dir)
     state = run.read_state()
     if state.completed == 0:
         raise ValueError(f"{run.path}: no task has completed yet; nothing to load")
-    check_instruction_run(run, state)
-    cfg = run.read_config()
+    cfg, kind = run.read_config(), run_kind(run, state)
     merged, _ = load_merged_delta(run)
-    model, tokenizer = load_backbone(cfg.model.name_or_path, kind="instruction", dtype=DTYPES[cfg.model.dtype])
+    model, tokenizer = load_backbone(cfg.model.name_or_path, kind=kind, dtype=DTYPES[cfg.model.dtype])
     fold_delta(model, merged)
+    if kind == "classification":
+        TaskHeads.for_run(model, cfg, run, run.load_tasks(state), state.completed)
     return model, tokenizer, run
 
 
@@ -87,6 +96,8 @@ def _write_dir(out: Path, write: Callable[[Path], None]) -> Path:
 
 
 def export_run(run_dir: Path, out: Path) -> Path:
+    run = RunDir(run_dir)
+    check_instruction_run(run, run.read_state())
     model, tokenizer, _ = load_merged_model(run_dir)
     return _write_dir(out, lambda tmp: save_dense(model, tokenizer, tmp))
 
@@ -215,6 +226,8 @@ def evaluate_run(run_dir: Path, *, max_rows: int | None = None) -> dict[str, Any
     model, tokenizer, run = load_merged_model(run_dir)
     cfg, state = run.read_config(), run.read_state()
     tasks = run.load_tasks(state)
+    if run_kind(run, state) == "classification":
+        tasks = tasks[: state.completed]  # a task without a head has no classes to score
     rows = max_rows if max_rows is not None else cfg.eval.max_rows
     return {
         task.name: evaluate_task(

@@ -74,11 +74,12 @@ def test_control_claims_are_paired_differences() -> None:
         "pm": [run("pm", s, acc, 0.50, 0.10) for s, acc in enumerate((0.39, 0.41, 0.43))],
     }
     payload = build_payload("rank_cls", [0, 1, 2], runs)
-    rows = {r[1]: r for r in rcr.claim_rows(payload)}
+    rows = {r[2]: r for r in rcr.claim_rows(payload)}
+    assert {r[0] for r in rows.values()} == {"own"}  # no `_seen` runs
     assert set(rows) == {"merge_only − sequential", "pm − merge_only", "pm − sequential"}  # no pm_gaussian run
     mo = rows["merge_only − sequential"]
-    assert mo[2].startswith("+0.100") and mo[2].endswith("(excludes 0)") and mo[4].startswith("-0.300")
-    assert rows["pm − merge_only"][2][1:].startswith("0.000") and "excludes" not in rows["pm − merge_only"][2]
+    assert mo[3].startswith("+0.100") and mo[3].endswith("(excludes 0)") and mo[5].startswith("-0.300")
+    assert rows["pm − merge_only"][3][1:].startswith("0.000") and "excludes" not in rows["pm − merge_only"][3]
     block = rcr.render(payload, wall_s=1800.0, machine="test box")
     assert "measured in 30 min on test box: 3 seeds (0, 1, 2), 200 test rows a task, task-agnostic" in block
 

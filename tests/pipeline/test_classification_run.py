@@ -142,3 +142,13 @@ def test_export_refuses_a_classification_run(pm_run, tmp_path, adapter, capsys) 
     assert main(argv) == 2
     assert "classification run (per-task heads) is not exported" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_rescores_the_merged_encoder_with_every_head(pm_run, capsys) -> None:
+    """`pm-ray eval` rebuilds the model from the files (W0 + merged delta, the saved heads) and gives
+    exactly the run's last accuracy row, task-agnostic, with the task-aware score beside it."""
+    assert main(["eval", str(pm_run.run_dir)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert list(scores) == list(TASKS)
+    assert [scores[name]["score"] for name in TASKS] == pm_run.state.accuracy[-1]
+    assert all(s["metric"] == "task_agnostic_accuracy" and s["task_aware_score"] >= s["score"] for s in scores.values())
