@@ -65,7 +65,8 @@ compare: $(STAMP)
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/compare.yaml $(DEMO_ARGS)
 
 # The ranking benchmark: the bbni full stream (200 test rows scored a task), 3 seeds, sequential,
-# P&M, O-LoRA and O-LoRA + P&M (jobs/rank.yaml); about 11 min per strategy and seed on 2 CPU cores, resumable run by run.
+# P&M, merge-only, O-LoRA, O-LoRA + P&M and TRM (jobs/rank.yaml); 5.5-11 min per strategy and seed on
+# 2 CPU cores with bf16 (AMX / AVX512-BF16), resumable run by run.
 rank: $(STAMP) data
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pm-ray compare jobs/rank.yaml $(DEMO_ARGS)
 

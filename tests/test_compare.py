@@ -154,3 +154,16 @@ def test_spec_common_overrides_reach_every_entry(tmp_path) -> None:
         plan_runs(write_spec(tmp_path, overrides=["eval.max_rows=7"]), [])
     with pytest.raises(ConfigError, match="trainer.seed is set by overrides"):
         plan_runs(write_spec(tmp_path, overrides={"trainer.seed": 3}, seeds=[0, 1]), [])
+
+
+@pytest.mark.parametrize("spec", ["compare.yaml", "demo.yaml", "rank.yaml", "rank_cls.yaml"])
+def test_every_shipped_spec_plans(spec) -> None:
+    """The specs in jobs/ (make compare / demo / rank / rank-cls): every entry and seed validates
+    and passes the load-time checks, with the strategy its entry names."""
+    path = Path(__file__).resolve().parents[1] / "jobs" / spec
+    raw = yaml.safe_load(path.read_text())
+    seeds, plan = plan_runs(path, [])
+    assert list(plan) == list(raw["strategies"])
+    assert seeds == raw.get("seeds", seeds)
+    for name, runs in plan.items():
+        assert all(cfg.merge.strategy == raw["strategies"][name]["merge.strategy"] for _, cfg in runs)
