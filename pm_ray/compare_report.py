@@ -84,7 +84,7 @@ def comparison_markdown(payload: Mapping[str, Any]) -> str:
     for e in entries:
         parts.append(
             f"### {e['strategy']}: accuracy after each task (row l = the merged model after task l"
-            + (f", mean over {len(e['runs'])} seeds" if several else "")
+            + (f", mean over {len(e['runs'])} seed{'s' if len(e['runs']) != 1 else ''}" if several else "")
             + ")\n\n"
             + format_results_table(e["accuracy"], e["tasks"], markdown=True)
         )
