@@ -79,14 +79,13 @@ class TaskHeadClassifier(nn.Module):
         task=None the concatenated logits of all heads in the order they were added; by default the
         head of `active_task`."""
         feats = self.features(input_ids, attention_mask)
-        if task == ACTIVE and self.active_task is not None and self.over_seen:
-            own = self.heads[self.active_task]
-            logits = torch.cat([own(feats)] + [h(feats) for n, h in self.heads.items() if n != self.active_task], -1)
-            loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-            return SequenceClassifierOutput(loss=loss, logits=logits)
+        over_seen = task == ACTIVE and self.active_task is not None and self.over_seen
         if task == ACTIVE:
             task = self.active_task
-        if task is None:
+        if over_seen:  # the active head's classes first, then every other seen head's
+            order = [task] + [name for name in self.heads if name != task]
+            logits = torch.cat([self.heads[name](feats) for name in order], dim=-1)
+        elif task is None:
             logits = torch.cat([head(feats) for head in self.heads.values()], dim=-1)
         else:
             if task not in self.heads:
